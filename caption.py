@@ -1,0 +1,232 @@
+"""Captioning with a trained model: the one beam search (used by validation, evaluation and
+inference), model loading from a checkpoint, and attention figures.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from models import models_from_checkpoint
+from utils import atomic_path, load_checkpoint
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
+DEFAULT_LENGTH_NORM = 0.0
+
+
+@torch.inference_mode()
+def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_norm=0.0,
+                no_repeat_ngram_size=0, min_len=0):
+    """Beam search for a batch of images at once (images x beams in one batch).
+
+    encoder_out: [B, g, g, C] or [B, P, C]. beam_size 1 is greedy decoding. A hypothesis that emits
+    <end> is set aside; an image is done once it has `beam_size` finished hypotheses. The best one
+    by score / (length ** length_norm) is returned (length counts the words and <end>); when none
+    finished within `max_len` words, the best unfinished one is. `min_len` forbids <end> before that
+    many words; `no_repeat_ngram_size` n forbids repeating any n-gram.
+
+    Returns one dict per image: 'tokens' (word ids, without <start>/<end>), 'score' (summed log
+    probability), 'norm_score', 'finished' (bool), 'alphas' ([len(tokens) (+1 with <end>), P] float
+    tensor: the attention behind each emitted token).
+    """
+    B = encoder_out.size(0)
+    enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
+    P, V, k = enc.size(1), decoder.vocab_size, beam_size
+    start, end = word_map['<start>'], word_map['<end>']
+    device = enc.device
+
+    h, c = decoder.init_hidden_state(enc)                                     # [B, D]
+    att1 = decoder.attention.encoder_att(enc)                                 # [B, P, A], once per image
+    expand = lambda x: x.repeat_interleave(k, dim=0)                          # noqa: E731  [B*k, ...]
+    enc, att1, h, c = expand(enc), expand(att1), expand(h), expand(c)
+    ids = list(range(B))                                                      # images still searching
+    scores = torch.full((B, k), float('-inf'), device=device)
+    scores[:, 0] = 0.0                                                        # only one beam alive at first
+    prev = torch.full((B * k,), start, dtype=torch.long, device=device)
+    seqs = torch.empty(B * k, 0, dtype=torch.long, device=device)             # [N, t]
+    alpha_hist = torch.empty(B * k, 0, P, device=device)                      # [N, t, P]
+    finished = [[] for _ in range(B)]                                         # (norm, score, tokens, alphas)
+
+    for t in range(max_len):
+        n_img = len(ids)
+        h, c, alpha = decoder.step(decoder.embedding(prev), h, c, enc, att1)
+        logp = F.log_softmax(decoder.fc(h), dim=1)                            # [N, V]
+        if t < min_len:
+            logp[:, end] = float('-inf')
+        if no_repeat_ngram_size:
+            logp = logp + _ngram_penalty(seqs, no_repeat_ngram_size, V)
+        cand = (scores.view(-1, 1) + logp).view(n_img, k * V)                 # [n, k*V]
+        top_scores, top_idx = cand.topk(2 * k, dim=1)                         # [n, 2k]
+        top_beam = torch.div(top_idx, V, rounding_mode='floor')               # integer beam index
+        top_tok = top_idx % V
+        is_end = top_tok == end
+
+        # Hypotheses that end among the k best candidates are set aside.
+        ended = (is_end[:, :k] & (top_scores[:, :k] > float('-inf'))).nonzero().tolist()
+        if ended:
+            top_scores_l, top_beam_l = top_scores.tolist(), top_beam.tolist()
+            for i, r in ended:
+                row = i * k + top_beam_l[i][r]
+                score = top_scores_l[i][r]
+                alphas = torch.cat([alpha_hist[row], alpha[row:row + 1]])     # [t + 1, P]
+                finished[ids[i]].append((score / (t + 1) ** length_norm, score, seqs[row].tolist(), alphas.cpu()))
+
+        # The k best candidates that do not end continue.
+        cont_scores, pos = top_scores.masked_fill(is_end, float('-inf')).topk(k, dim=1)   # [n, k]
+        beams = top_beam.gather(1, pos)
+        rows = (torch.arange(n_img, device=device).unsqueeze(1) * k + beams).view(-1)       # [n*k]
+        prev = top_tok.gather(1, pos).view(-1)
+        seqs = torch.cat([seqs[rows], prev.unsqueeze(1)], dim=1)
+        alpha_hist = torch.cat([alpha_hist[rows], alpha[rows].unsqueeze(1)], dim=1)
+        h, c, scores = h[rows], c[rows], cont_scores
+
+        # Images with k finished hypotheses (or, without length normalisation, whose best finished
+        # hypothesis can no longer be beaten: scores only fall) are done: drop their rows.
+        best_alive = scores[:, 0].tolist()
+        done = [len(finished[b]) >= k or (length_norm == 0 and bool(finished[b]) and
+                                          max(f[1] for f in finished[b]) >= best_alive[i])
+                for i, b in enumerate(ids)]
+        if all(done):
+            ids = []
+            break
+        if any(done):
+            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
+            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            ids = [b for b, d in zip(ids, done) if not d]
+            scores = scores[keep]
+            enc, att1, h, c = enc[keep_rows], att1[keep_rows], h[keep_rows], c[keep_rows]
+            prev, seqs, alpha_hist = prev[keep_rows], seqs[keep_rows], alpha_hist[keep_rows]
+
+    results = []
+    for b in range(B):
+        if finished[b]:
+            norm, score, tokens, alphas = max(finished[b], key=lambda f: f[0])
+            results.append({'tokens': tokens, 'score': score, 'norm_score': norm, 'finished': True, 'alphas': alphas})
+        else:  # nothing ended within max_len: the best unfinished hypothesis
+            i = ids.index(b)
+            score = float(scores[i, 0])
+            results.append({'tokens': seqs[i * k].tolist(), 'score': score,
+                            'norm_score': score / max_len ** length_norm, 'finished': False,
+                            'alphas': alpha_hist[i * k].cpu()})
+    return results
+
+
+def _ngram_penalty(seqs, n, vocab_size):
+    """[N, t] generated tokens -> [N, V] penalty, -inf for tokens that would repeat an n-gram."""
+    N, t = seqs.shape
+    penalty = seqs.new_zeros(N, vocab_size + 1, dtype=torch.float)
+    if t >= n - 1 and t >= 1:
+        if n == 1:
+            banned = seqs
+        elif t >= n:
+            windows = seqs.unfold(1, n, 1)                                      # [N, W, n]
+            match = (windows[:, :, :-1] == seqs[:, t - n + 1:].unsqueeze(1)).all(dim=2)   # [N, W]
+            banned = torch.where(match, windows[:, :, -1], vocab_size)
+        else:
+            return penalty[:, :vocab_size]
+        penalty.scatter_(1, banned, float('-inf'))
+    return penalty[:, :vocab_size]
+
+
+def words_of(tokens, rev_word_map):
+    return [rev_word_map[t] for t in tokens if rev_word_map[t] not in ('<start>', '<end>', '<pad>')]
+
+
+@torch.inference_mode()
+def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0,
+                  device='cpu', progress=True, **beam_kw):
+    """Caption image files in batches: the encoder runs once per image for every beam size.
+
+    Returns (results, failures): results[i] is {beam_size: hypothesis dict (see beam_search) plus
+    'words'} for paths[i], or None when it could not be decoded; failures is [(path, error)].
+    """
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from datasets import ImageFiles, ImageTransform, collate_image_files
+    device = torch.device(device)
+    rev = {v: k for k, v in word_map.items()}
+    loader = DataLoader(ImageFiles(paths, ImageTransform(**encoder.transform_config())), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_image_files, pin_memory=device.type == 'cuda')
+    results, failures = [None] * len(paths), []
+    for images, indices, bad in tqdm(loader, desc='captioning', unit='batch', disable=None if progress else True,
+                                     leave=False):
+        failures += [(paths[i], err) for i, err in bad]
+        if images is None:
+            continue
+        enc = encoder(images.to(device, non_blocking=True))                   # [b, g, g, C]
+        for k in beam_sizes:
+            for i, hyp in zip(indices, beam_search(decoder, enc, word_map, beam_size=k, **beam_kw)):
+                hyp['words'] = words_of(hyp['tokens'], rev)
+                results[i] = results[i] or {}
+                results[i][k] = hyp
+    return results, failures
+
+
+def load_captioner(checkpoint_path, device):
+    """-> (encoder, decoder, word_map, config) ready for captioning on `device`."""
+    ckpt = load_checkpoint(checkpoint_path)
+    encoder, decoder = models_from_checkpoint(ckpt, device)
+    return encoder, decoder, ckpt['word_map'], ckpt['config']
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention figures
+
+def _jet(x):
+    """[H, W] floats in [0, 1] -> [H, W, 3] uint8 colours of the 'jet' colour map."""
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def attention_figure(image, words, alphas, panel=192, columns=5):
+    """The image, then one panel per word with its attention map upsampled and overlaid.
+
+    image: PIL RGB; words: the emitted words (add '<end>' to show its map too); alphas: [T, P] with
+    T >= len(words) and P a square grid. Returns a PIL image.
+    """
+    grid = int(round(math.sqrt(alphas.shape[1])))
+    img = image.convert('RGB').resize((panel, panel), Image.BILINEAR)
+    base = np.asarray(img, dtype=np.float32)
+    font = ImageFont.load_default(size=max(12, panel // 12))
+    label_h = panel // 6
+    n = len(words) + 1
+    rows = math.ceil(n / columns)
+    fig = Image.new('RGB', (columns * panel, rows * (panel + label_h)), 'white')
+    draw = ImageDraw.Draw(fig)
+    for k in range(n):
+        x, y = (k % columns) * panel, (k // columns) * (panel + label_h)
+        if k == 0:
+            fig.paste(img, (x, y))
+            label = '(image)'
+        else:
+            a = torch.as_tensor(alphas[k - 1], dtype=torch.float32).view(1, 1, grid, grid)
+            a = F.interpolate(a, size=(panel, panel), mode='bilinear', align_corners=False)[0, 0].numpy()
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
+            over = 0.45 * base + 0.55 * _jet(a).astype(np.float32) * (0.35 + 0.65 * a[..., None])
+            fig.paste(Image.fromarray(np.clip(over, 0, 255).astype(np.uint8)), (x, y))
+            label = words[k - 1]
+        draw.text((x + panel // 2, y + panel + label_h // 2), label, fill='black', font=font, anchor='mm')
+    return fig
+
+
+def save_attention_figure(image, words, alphas, path, **kw):
+    with atomic_path(path) as tmp:
+        attention_figure(image, words, alphas, **kw).save(tmp, format='PNG')
+    return path
+
+
+def figure_name(image_path, used):
+    """A unique PNG name for an image's attention figure."""
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    name, i = f'{stem}_attention.png', 1
+    while name in used:
+        i += 1
+        name = f'{stem}_{i}_attention.png'
+    used.add(name)
+    return name

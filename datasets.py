@@ -1,0 +1,644 @@
+"""Reading captioned datasets, writing the prepared files, and the datasets that training,
+evaluation and inference read.
+
+Prepared files (in one folder, base = '{dataset}_{cpi}_cap_per_img_{min_word_freq}_min_word_freq'):
+    WORDMAP_{base}.json              word -> id; <pad> = 0, then words, then <unk>, <start>, <end>
+    {SPLIT}_CAPTIONS_{base}.json     [N * cpi][max_len + 2] ids: <start> w ... <end> <pad> ...
+    {SPLIT}_CAPLENS_{base}.json      [N * cpi] true lengths including <start> and <end>
+    {SPLIT}_paths_{base}.pkl         [N] image paths; image i owns caption rows [i * cpi, (i + 1) * cpi)
+    {SPLIT}_REFS_{base}.json         [N] lists of every raw reference sentence (for scoring)
+    {SPLIT}_IMAGES_{base}.hdf5       optional: 'images' uint8 [N, 3, S, S]
+with SPLIT in TRAIN, VAL, TEST.
+"""
+import collections
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, tokenize, write_json)
+
+SPLITS = ('TRAIN', 'VAL', 'TEST')
+SPLIT_NAMES = {'train': 'TRAIN', 'restval': 'TRAIN', 'val': 'VAL', 'test': 'TEST'}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+
+@dataclasses.dataclass
+class ImageRecord:
+    """One image of a source dataset with all of its captions."""
+    name: str              # as the source names it (for messages)
+    path: str              # where the image file is
+    split: str             # TRAIN, VAL or TEST
+    tokens: list           # one token list per caption
+    raws: list             # the raw sentences, same order
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: each returns a list of ImageRecord, or raises ValueError naming the file and the place.
+
+def read_karpathy(json_path, image_folder):
+    """Read a Karpathy split file (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json).
+
+    train and restval -> TRAIN, val -> VAL, test -> TEST. Image path = image_folder/filepath/filename
+    when the image has a 'filepath' (COCO), else image_folder/filename.
+    """
+    data = read_json(json_path, 'Karpathy split JSON')
+    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+        raise ValueError(f"{json_path}: expected an object with a list field 'images' (Karpathy format)")
+    records = []
+    for i, img in enumerate(data['images']):
+        where = f'{json_path}: images[{i}]'
+        if not isinstance(img, dict):
+            raise ValueError(f'{where}: expected an object, got {type(img).__name__}')
+        if 'filename' in img:
+            where = f"{where} ({img['filename']})"
+        for key in ('filename', 'split', 'sentences'):
+            if key not in img:
+                raise ValueError(f"{where}: missing field '{key}'")
+        split = SPLIT_NAMES.get(img['split'])
+        if split is None:
+            raise ValueError(f"{where}: field 'split' is {img['split']!r}; expected one of "
+                             f"{', '.join(SPLIT_NAMES)}")
+        if not isinstance(img['sentences'], list):
+            raise ValueError(f"{where}: field 'sentences' must be a list")
+        tokens, raws = [], []
+        for j, s in enumerate(img['sentences']):
+            if not isinstance(s, dict) or ('tokens' not in s and 'raw' not in s):
+                raise ValueError(f"{where}: sentences[{j}] needs a field 'tokens' or 'raw'")
+            toks = s['tokens'] if 'tokens' in s else tokenize(s['raw'])
+            if not isinstance(toks, list):
+                raise ValueError(f"{where}: sentences[{j}].tokens must be a list of words")
+            tokens.append([str(t) for t in toks])
+            raws.append(s.get('raw') or ' '.join(toks))
+        folder = os.path.join(image_folder, img['filepath']) if img.get('filepath') else image_folder
+        records.append(ImageRecord(img['filename'], os.path.join(folder, img['filename']), split, tokens, raws))
+    return records
+
+
+def read_caption_table(path, image_folder, seed=0, val_fraction=0.1, test_fraction=0.1):
+    """Read your own captions: CSV or JSONL rows of image,caption[,split] (Flickr8k's captions.txt is
+    such a CSV), or Flickr8k.token.txt lines 'name.jpg#k<TAB>caption'.
+
+    Captions are tokenised with utils.tokenize (lower-case alphanumeric words). Without a split
+    column, images are split with a seeded shuffle: test_fraction -> TEST, val_fraction -> VAL, rest TRAIN.
+    """
+    rows = list(_table_rows(path))                               # (line, image, caption, split or None)
+    if not rows:
+        raise ValueError(f'{path}: no captions found')
+    by_image = collections.OrderedDict()
+    for line, name, caption, split in rows:
+        entry = by_image.setdefault(name, {'split': split, 'line': line, 'raws': []})
+        if split is not None and entry['split'] is not None and split != entry['split']:
+            raise ValueError(f"{path}: line {line}: image {name!r} has split {split!r} here but "
+                             f"{entry['split']!r} on line {entry['line']}")
+        entry['raws'].append(caption)
+    has_split = [e['split'] is not None for e in by_image.values()]
+    if any(has_split) and not all(has_split):
+        first = next(e['line'] for e in by_image.values() if e['split'] is None)
+        raise ValueError(f'{path}: line {first}: some rows give a split and others do not')
+    if not any(has_split):
+        names = sorted(by_image)
+        random.Random(seed).shuffle(names)
+        n_test, n_val = round(len(names) * test_fraction), round(len(names) * val_fraction)
+        for k, name in enumerate(names):
+            by_image[name]['split'] = 'TEST' if k < n_test else 'VAL' if k < n_test + n_val else 'TRAIN'
+    return [ImageRecord(name, os.path.join(image_folder, name), e['split'],
+                        [tokenize(r) for r in e['raws']], e['raws'])
+            for name, e in by_image.items()]
+
+
+def _table_rows(path):
+    """Yield (line number, image, caption, SPLIT or None) from a CSV, JSONL or Flickr8k token file."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        f = open(path, encoding='utf-8', newline='')
+    except FileNotFoundError:
+        raise FileNotFoundError(f'captions file not found: {path}') from None
+    with f:
+        try:
+            first = f.readline()
+            f.seek(0)
+            if ext == '.jsonl':
+                yield from _jsonl_rows(path, f)
+            elif ext == '.txt' and '\t' in first and '#' in first.split('\t')[0]:
+                yield from _token_file_rows(path, f)
+            else:
+                yield from _csv_rows(path, f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+
+
+def _split_value(path, line, value):
+    if value is None or str(value).strip() == '':
+        return None
+    split = SPLIT_NAMES.get(str(value).strip().lower())
+    if split is None:
+        raise ValueError(f"{path}: line {line}: split {value!r} is not one of {', '.join(SPLIT_NAMES)}")
+    return split
+
+
+def _check_row(path, line, image, caption):
+    if not image or not str(image).strip():
+        raise ValueError(f"{path}: line {line}: empty 'image'")
+    if not tokenize(str(caption or '')):
+        raise ValueError(f"{path}: line {line}: 'caption' has no words")
+    return str(image).strip(), str(caption).strip()
+
+
+def _csv_rows(path, f):
+    try:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if 'image' not in fields or 'caption' not in fields:
+            raise ValueError(f"{path}: line 1: the CSV header must name the columns 'image' and 'caption' "
+                             f"(optionally 'split'); found {reader.fieldnames}")
+        reader.fieldnames = fields
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise ValueError(f'{path}: line {line}: more fields than the header names '
+                                 '(quote captions that contain commas)')
+            image, caption = _check_row(path, line, row['image'], row['caption'])
+            yield line, image, caption, _split_value(path, line, row.get('split'))
+    except csv.Error as e:
+        raise ValueError(f'{path}: line {reader.line_num}: unreadable CSV ({e})') from None
+
+
+def _jsonl_rows(path, f):
+    for line, text in enumerate(f, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: line {line}: not valid JSON ({e.msg})') from None
+        if not isinstance(row, dict) or 'image' not in row or 'caption' not in row:
+            raise ValueError(f"{path}: line {line}: expected an object with fields 'image' and 'caption'")
+        image, caption = _check_row(path, line, row['image'], row['caption'])
+        yield line, image, caption, _split_value(path, line, row.get('split'))
+
+
+def _token_file_rows(path, f):
+    for line, text in enumerate(f, 1):
+        if not text.strip():
+            continue
+        name, sep, caption = text.rstrip('\n').partition('\t')
+        if not sep:
+            raise ValueError(f'{path}: line {line}: expected "image.jpg#k<TAB>caption"')
+        image, caption = _check_row(path, line, name.split('#')[0], caption)
+        yield line, image, caption, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: one loader for preparation, training, evaluation and inference.
+
+def load_image(path, size=None):
+    """Open an image file as an RGB PIL image: EXIF orientation applied; grayscale, palette, RGBA
+    (composited on white), CMYK and 16-bit images converted. With `size`, JPEGs are decoded at the
+    smallest DCT scale that is still at least `size` pixels on each side (much faster, same result
+    after resizing to `size`)."""
+    img = Image.open(path)
+    if size and img.format == 'JPEG':
+        img.draft('RGB', (size, size))
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr / 257.0 if img.mode != 'F' and arr.max() > 255 else arr * (255.0 if arr.max() <= 1.0 else 1.0)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'P':
+        img = img.convert('RGBA')
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert('RGB') if img.mode != 'RGB' else img
+
+
+def resized_uint8(path, size):
+    """Image file -> uint8 array [3, size, size] (the tutorial's squash resize; HDF5 stores these)."""
+    img = load_image(path, size).resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class ImageTransform:
+    """The one image transform: PIL image or uint8 tensor [3, H, W] -> normalised float [3, S, S].
+
+    `size`, `mean` and `std` come from the encoder's weights (models.Encoder.transform_config()).
+    """
+
+    def __init__(self, size, mean, std):
+        self.size, self.mean, self.std = int(size), list(mean), list(std)
+
+    def __call__(self, img):
+        if isinstance(img, Image.Image):
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.BILINEAR)
+            img = TF.pil_to_tensor(img)                                   # uint8 [3, S, S]
+        elif img.shape[-2:] != (self.size, self.size):
+            img = TF.resize(img, [self.size, self.size], antialias=True)
+        return TF.normalize(img.float().div_(255.0), self.mean, self.std)
+
+    def __repr__(self):
+        return f'ImageTransform(size={self.size}, mean={self.mean}, std={self.std})'
+
+
+def list_images(path):
+    """A file -> [file]; a folder -> every jpg/jpeg/png/bmp/webp below it (any letter case), sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'no such image file or folder: {path}')
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+class ImageFiles(Dataset):
+    """Raw image files for inference. Item -> (tensor [3, S, S] or None, index, error message or '')."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(load_image(self.paths[i], self.transform.size)), i, ''
+        except Exception as e:  # noqa: BLE001 - any undecodable file is reported, not fatal
+            return None, i, f'{e.__class__.__name__}: {e}'
+
+
+def collate_image_files(batch):
+    """-> (images [B, 3, S, S] or None, indices of those images, [(index, error), ...] of the failures)."""
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    bad = [(i, err) for x, i, err in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], bad
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation
+
+def _check_one(path):
+    """'' if `path` decodes, else the reason (runs in worker processes)."""
+    try:
+        with Image.open(path) as img:
+            img.draft('RGB', (32, 32))
+            img.load()
+        return ''
+    except Exception as e:  # noqa: BLE001
+        return f'{e.__class__.__name__}: {e}'
+
+
+def _pool_map(fn, items, desc, workers):
+    """Ordered map over `items`, in worker processes when there are many, with a progress bar."""
+    if workers <= 1 or len(items) < 64:
+        return [fn(x) for x in tqdm(items, desc=desc, unit='img', leave=False, disable=None)]
+    ctx = multiprocessing.get_context('spawn' if os.name == 'nt' else 'fork')
+    with ctx.Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, items, chunksize=32), total=len(items), desc=desc, unit='img',
+                         leave=False, disable=None))
+
+
+def check_images(records, skip_missing=False, workers=None):
+    """Check every image exists and decodes. Returns (kept records, [(name, reason), ...] skipped).
+
+    Without `skip_missing`, a missing or broken image raises with the count and the first names.
+    """
+    workers = workers or min(os.cpu_count() or 1, 8)
+    missing = [r for r in records if not os.path.isfile(r.path)]
+    if missing and not skip_missing:
+        names = ', '.join(r.path for r in missing[:5])
+        raise FileNotFoundError(f'{len(missing)} of {len(records)} images are missing (first: {names}). '
+                                'Check --image-folder, or pass --skip-missing to leave them out.')
+    present = [r for r in records if os.path.isfile(r.path)]
+    errors = _pool_map(_check_one, [r.path for r in present], 'checking images', workers)
+    broken = [(r, e) for r, e in zip(present, errors) if e]
+    if broken and not skip_missing:
+        shown = '; '.join(f'{r.path}: {e}' for r, e in broken[:3])
+        raise ValueError(f'{len(broken)} images cannot be decoded (first: {shown}). '
+                         'Replace them, or pass --skip-missing to leave them out.')
+    bad = {id(r) for r, _ in broken}
+    kept = [r for r in present if id(r) not in bad]
+    skipped = [(r.name, 'missing') for r in missing] + [(r.name, e) for r, e in broken]
+    return kept, skipped
+
+
+def build_word_map(caption_tokens, min_word_freq):
+    """Word map from the TRAIN captions: words counted more than `min_word_freq` times (the tutorial's
+    threshold), most frequent first; <pad> = 0, then the words, then <unk>, <start>, <end>."""
+    freq = collections.Counter(w for toks in caption_tokens for w in toks)
+    words = sorted((w for w, n in freq.items() if n > min_word_freq and w not in SPECIAL_TOKENS),
+                   key=lambda w: (-freq[w], w))
+    word_map = {'<pad>': 0}
+    for w in words:
+        word_map[w] = len(word_map)
+    for w in ('<unk>', '<start>', '<end>'):
+        word_map[w] = len(word_map)
+    return word_map
+
+
+def encode_caption(tokens, word_map, max_len):
+    """tokens -> [<start>, ids..., <end>, <pad>...] of length max_len + 2, and the true length."""
+    unk = word_map['<unk>']
+    ids = [word_map['<start>']] + [word_map.get(w, unk) for w in tokens] + [word_map['<end>']]
+    return ids + [word_map['<pad>']] * (max_len + 2 - len(ids)), len(ids)
+
+
+def decode_caption(ids, rev_word_map):
+    """ids -> words, without <start>/<end>/<pad> (stops at the first <end>)."""
+    words = []
+    for i in ids:
+        w = rev_word_map[int(i)]
+        if w == '<end>':
+            break
+        if w not in ('<start>', '<pad>'):
+            words.append(w)
+    return words
+
+
+def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_word_freq=5, max_len=50,
+                    hdf5=False, image_size=256, seed=0, skip_missing=False, workers=None):
+    """Write the prepared files for `records` (see the module docstring). Returns a summary dict.
+
+    Everything is written into a staging folder first and moved into place at the end, the word
+    map (which marks a prepared dataset) last: a failed or interrupted run leaves the previous
+    complete set as it was, and never a set that looks complete but is not.
+    """
+    if captions_per_image < 1 or max_len < 1 or min_word_freq < 0:
+        raise ValueError('captions_per_image and max_len must be >= 1 and min_word_freq >= 0')
+    base = data_base_name(dataset, captions_per_image, min_word_freq)
+    os.makedirs(output_folder, exist_ok=True)
+
+    records, skipped_images = check_images(records, skip_missing, workers)
+    summary = {'base_name': base, 'skipped_images': len(skipped_images), 'skipped_examples': skipped_images[:5],
+               'dropped_captions': 0, 'images_without_captions': 0, 'splits': {}}
+    # Captions longer than max_len are dropped; images left with none are skipped.
+    kept = {s: [] for s in SPLITS}
+    for r in records:
+        toks = [t for t in r.tokens if len(t) <= max_len]
+        summary['dropped_captions'] += len(r.tokens) - len(toks)
+        if not toks:
+            summary['images_without_captions'] += 1
+            continue
+        kept[r.split].append((r, toks))
+    if not kept['TRAIN']:
+        raise ValueError('no TRAIN images left: check the split names of the source and --max-len')
+    word_map = build_word_map([t for _, toks in kept['TRAIN'] for t in toks], min_word_freq)
+
+    staging = tempfile.mkdtemp(prefix='.staging-', dir=output_folder)
+    try:
+        rng = random.Random(seed)
+        for split in SPLITS:
+            captions, caplens, paths, refs = [], [], [], []
+            for r, toks in kept[split]:
+                if len(toks) < captions_per_image:
+                    chosen = toks + [rng.choice(toks) for _ in range(captions_per_image - len(toks))]
+                else:
+                    chosen = rng.sample(toks, k=captions_per_image)
+                for t in chosen:
+                    enc, n = encode_caption(t, word_map, max_len)
+                    captions.append(enc)
+                    caplens.append(n)
+                paths.append(os.path.abspath(r.path))
+                refs.append(list(r.raws))
+            summary['splits'][split] = {'images': len(paths), 'captions': len(captions)}
+            _write_split(staging, split, base, captions, caplens, paths, refs)
+            if hdf5 and paths:
+                write_hdf5(os.path.join(staging, f'{split}_IMAGES_{base}.hdf5'), paths, image_size,
+                           captions_per_image, workers)
+        word_map_name = f'WORDMAP_{base}.json'
+        write_json(os.path.join(staging, word_map_name), word_map)
+        # Publish: retire the old set's word map, move the new files in, the word map last.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_folder, word_map_name))
+        for split in SPLITS:   # an HDF5 file of an earlier --hdf5 run must not outlive its set
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_folder, f'{split}_IMAGES_{base}.hdf5'))
+        for name in sorted(os.listdir(staging)):
+            if name != word_map_name:
+                os.replace(os.path.join(staging, name), os.path.join(output_folder, name))
+        os.replace(os.path.join(staging, word_map_name), os.path.join(output_folder, word_map_name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary['vocab_size'] = len(word_map)
+    return summary
+
+
+def _write_split(folder, split, base, captions, caplens, paths, refs):
+    write_json(os.path.join(folder, f'{split}_CAPTIONS_{base}.json'), captions)
+    write_json(os.path.join(folder, f'{split}_CAPLENS_{base}.json'), caplens)
+    write_json(os.path.join(folder, f'{split}_REFS_{base}.json'), refs)
+    with atomic_path(os.path.join(folder, f'{split}_paths_{base}.pkl')) as tmp:
+        with open(tmp, 'wb') as f:
+            pickle.dump(paths, f)
+
+
+def _resize_task(args):
+    return resized_uint8(*args)
+
+
+def write_hdf5(path, paths, image_size, captions_per_image, workers=None):
+    """Decode, resize and store images as uint8 [N, 3, S, S] in dataset 'images' of an HDF5 file."""
+    import h5py
+    workers = workers or min(os.cpu_count() or 1, 8)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, 'w') as h:
+            h.attrs['captions_per_image'] = captions_per_image
+            h.attrs['image_size'] = image_size
+            images = h.create_dataset('images', (len(paths), 3, image_size, image_size), dtype='uint8',
+                                      chunks=(1, 3, image_size, image_size))
+            tasks = [(p, image_size) for p in paths]
+            ctx = multiprocessing.get_context('spawn' if os.name == 'nt' else 'fork')
+            pool = ctx.Pool(workers) if workers > 1 and len(paths) >= 64 else None
+            try:
+                it = pool.imap(_resize_task, tasks, chunksize=16) if pool else map(_resize_task, tasks)
+                for i, arr in enumerate(tqdm(it, total=len(tasks), desc=f'writing {os.path.basename(path)}',
+                                             unit='img', leave=False, disable=None)):
+                    images[i] = arr
+            finally:
+                if pool:
+                    pool.terminate()
+
+
+def print_summary(summary, output_folder):
+    print(f"\nPrepared '{summary['base_name']}' in {output_folder}")
+    print(f"{'split':<6} {'images':>8} {'captions':>9}")
+    for split, s in summary['splits'].items():
+        print(f"{split:<6} {s['images']:>8} {s['captions']:>9}")
+    print(f"vocabulary: {summary['vocab_size']} entries (incl. <pad> <start> <end> <unk>)")
+    print(f"dropped captions longer than max_len: {summary['dropped_captions']}; images left without "
+          f"captions: {summary['images_without_captions']}; images skipped (missing/undecodable): "
+          f"{summary['skipped_images']}")
+    for name, why in summary['skipped_examples']:
+        print(f'  skipped {name}: {why}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets over prepared files
+
+class CaptionDataset(Dataset):
+    """A prepared split (as written by 00_create_input_files.py).
+
+    Per caption (default, the tutorial's): item -> (image, caption [L], caplen [1]) for TRAIN, and
+    (image, caption, caplen, all captions of the image [cpi, L]) for VAL/TEST.
+    Per image (`per_image=True`): item -> (image, captions [cpi, L], caplens [cpi]), so the encoder
+    runs once per image for all of its captions.
+
+    The image comes from `features` (a FeatureCache: fp16 [C, h, w]), else the split's HDF5 file when
+    `source` is 'hdf5' (or 'auto' and the file exists), else from the image paths; `transform` turns
+    decoded images into tensors. HDF5 files are opened lazily in each DataLoader worker.
+    """
+
+    def __init__(self, data_folder, data_name, split, transform=None, per_image=False, source='auto',
+                 features=None):
+        split = split.upper()
+        if split not in SPLITS:
+            raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+        self.split, self.transform, self.per_image, self.features = split, transform, per_image, features
+        self.data_folder, self.data_name = data_folder, data_name
+        f = lambda kind, ext: os.path.join(data_folder, f'{split}_{kind}_{data_name}.{ext}')  # noqa: E731
+        self.captions = torch.tensor(read_json(f('CAPTIONS', 'json'), 'captions file'), dtype=torch.long)
+        self.caplens = torch.tensor(read_json(f('CAPLENS', 'json'), 'caption lengths file'), dtype=torch.long)
+        with open(f('paths', 'pkl'), 'rb') as fh:
+            self.paths = pickle.load(fh)
+        self.refs_path = f('REFS', 'json')
+        if len(self.paths) == 0 or len(self.captions) % len(self.paths) or len(self.captions) != len(self.caplens):
+            raise ValueError(f'{data_folder}: {split} files of {data_name} disagree: {len(self.paths)} images, '
+                             f'{len(self.captions)} captions, {len(self.caplens)} lengths')
+        self.cpi = len(self.captions) // len(self.paths)
+        self.hdf5_path = f('IMAGES', 'hdf5')
+        if source == 'hdf5' and not os.path.exists(self.hdf5_path):
+            raise FileNotFoundError(f'{self.hdf5_path} not found: run 00_create_input_files.py with --hdf5')
+        self.use_hdf5 = features is None and (source == 'hdf5' or (source == 'auto' and os.path.exists(self.hdf5_path)))
+        self._h5 = None   # opened on first use in each process (h5py handles do not survive fork)
+        if features is not None and len(features) != len(self.paths):
+            raise ValueError(f'feature cache has {len(features)} images, {split} has {len(self.paths)}')
+
+    @property
+    def num_images(self):
+        return len(self.paths)
+
+    def refs(self):
+        """Every raw reference sentence per image ([N] lists of strings)."""
+        return read_json(self.refs_path, 'references file')
+
+    def image(self, i):
+        """The encoder input of image i: features fp16 [C, h, w], or a transformed image [3, S, S]."""
+        if self.features is not None:
+            return self.features[i]
+        if self.use_hdf5:
+            if self._h5 is None:
+                import h5py
+                self._h5 = h5py.File(self.hdf5_path, 'r')['images']
+            img = torch.from_numpy(self._h5[i])                          # uint8 [3, S, S]
+        else:
+            img = load_image(self.paths[i], self.transform.size if self.transform else None)
+        return self.transform(img) if self.transform else img
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_h5'] = None
+        return state
+
+    def __len__(self):
+        return len(self.paths) if self.per_image else len(self.captions)
+
+    def __getitem__(self, i):
+        if self.per_image:
+            rows = slice(i * self.cpi, (i + 1) * self.cpi)
+            return self.image(i), self.captions[rows], self.caplens[rows]
+        img = self.image(i // self.cpi)
+        if self.split == 'TRAIN':
+            return img, self.captions[i], self.caplens[i:i + 1]
+        first = (i // self.cpi) * self.cpi
+        return img, self.captions[i], self.caplens[i:i + 1], self.captions[first:first + self.cpi]
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature cache: a frozen encoder runs once over a split; training reads fp16 features from disk.
+
+class FeatureCache:
+    """Memory-mapped fp16 encoder features [N, C, h, w] in a .npy file. Item -> fp16 tensor [C, h, w]."""
+
+    def __init__(self, path):
+        self.path = path
+        self.array = np.load(path, mmap_mode='r')
+
+    def __len__(self):
+        return self.array.shape[0]
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.array[i]))
+
+
+def state_dict_digest(module):
+    """Short hash of a module's weights (names a feature cache after the exact encoder)."""
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def feature_cache_path(dataset, encoder):
+    """Where the features of `dataset` (a CaptionDataset) under `encoder` are cached: the name holds
+    the encoder, its input size and a hash of its weights and of the split's image list, so a
+    changed encoder or re-prepared data never reuses a stale cache."""
+    h = hashlib.sha1((state_dict_digest(encoder) + json.dumps(dataset.paths)).encode()).hexdigest()[:10]
+    return os.path.join(dataset.data_folder, 'features',
+                        f'{dataset.split}_FEATURES_{dataset.data_name}_{encoder.name}_{encoder.image_size}px_{h}.npy')
+
+
+@torch.inference_mode()
+def build_feature_cache(encoder, dataset, path, device, batch_size=32, workers=0, progress=True):
+    """Run the (frozen, eval-mode) `encoder` once over every image of `dataset` (per-image
+    CaptionDataset over images) and store its native feature maps as fp16 [N, C, h, w] at `path`."""
+    from torch.utils.data import DataLoader
+    loader = DataLoader(_Images(dataset), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == 'cuda')
+    encoder.eval()
+    out = None
+    with atomic_path(path) as tmp:
+        i = 0
+        for images in tqdm(loader, desc=f'caching {dataset.split} features', unit='batch',
+                           disable=None if progress else True, leave=False):
+            feats = encoder.features(images.to(device, non_blocking=True))   # [B, C, h, w]
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16,
+                                                shape=(len(dataset.paths), *feats.shape[1:]))
+            out[i:i + len(feats)] = feats.half().cpu().numpy()
+            i += len(feats)
+        out.flush()
+        del out                                        # closed; renamed to `path` when the block exits
+    return FeatureCache(path)
+
+
+class _Images(Dataset):
+    """Just the images of a CaptionDataset (for feature caching)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return self.dataset.num_images
+
+    def __getitem__(self, i):
+        return self.dataset.image(i)

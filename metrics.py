@@ -1,0 +1,116 @@
+"""Caption metrics behind one interface, pycocoevalcap's: `scorer.compute_score(gts, res)` with
+gts = {image id: [reference sentences]} and res = {image id: [one generated sentence]}.
+
+BLEU-1..4 with nltk always work (captions tokenised with utils.tokenize). With the optional
+pycocoevalcap package (and Java) `score_captions` also gives the COCO caption toolkit's BLEU-1..4,
+METEOR, ROUGE-L and CIDEr through its PTB tokenizer: the numbers papers report. Values are fractions.
+"""
+import contextlib
+import os
+import shutil
+import sys
+import warnings
+
+from nltk.translate.bleu_score import corpus_bleu, modified_precision
+
+from utils import tokenize
+
+COCO_KEYS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
+BLEU_WEIGHTS = [(1.0,), (0.5, 0.5), (1 / 3,) * 3, (0.25,) * 4]
+
+
+class NltkBleu:
+    """Corpus BLEU-1..4 (nltk) on lower-cased alphanumeric tokens, every reference of an image used."""
+
+    def method(self):
+        return 'Bleu (nltk)'
+
+    def compute_score(self, gts, res):
+        """-> ([BLEU-1, BLEU-2, BLEU-3, BLEU-4], None)."""
+        ids = sorted(res)
+        refs = [[tokenize(r) for r in gts[i]] for i in ids]
+        hyps = [tokenize(res[i][0]) for i in ids]
+        with warnings.catch_warnings():   # nltk warns when an n-gram order has no match (BLEU is then 0)
+            warnings.simplefilter('ignore')
+            return list(corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)), None
+
+
+def modified_precisions(candidate, references, max_n=4):
+    """Clipped n-gram precisions (as Fractions) of one candidate against its references: the
+    quantities BLEU is built from. candidate/references are sentences (strings)."""
+    refs = [tokenize(r) for r in references]
+    hyp = tokenize(candidate)
+    return [modified_precision(refs, hyp, n) for n in range(1, max_n + 1)]
+
+
+def coco_status():
+    """(True, '') when pycocoevalcap and Java are usable, else (False, why)."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        return False, 'pycocoevalcap is not installed (pip install -r requirements-extras.txt)'
+    if shutil.which('java') is None:
+        return False, 'Java is not installed (METEOR and the PTB tokenizer of pycocoevalcap need it)'
+    return True, ''
+
+
+def coco_scores(gts, res):
+    """The COCO caption toolkit's BLEU-1..4, METEOR, ROUGE-L and CIDEr (needs pycocoevalcap and Java)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    with _quiet():
+        tok = PTBTokenizer()
+        g = tok.tokenize({i: [{'caption': s} for s in gts[i]] for i in res})
+        r = tok.tokenize({i: [{'caption': res[i][0]}] for i in res})
+        out = {}
+        for scorer, names in ((Bleu(4), COCO_KEYS[:4]), (Meteor(), ('METEOR',)), (Rouge(), ('ROUGE_L',)),
+                              (Cider(), ('CIDEr',))):
+            score, _ = scorer.compute_score(g, r)
+            out.update(zip(names, score if isinstance(score, list) else [score]))
+            if hasattr(scorer, 'close'):
+                scorer.close()
+    return {k: float(v) for k, v in out.items()}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence stdout/stderr at the file-descriptor level (pycocoevalcap's Java tools print there)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(os.devnull, 'w') as devnull:
+            os.dup2(devnull.fileno(), 1)
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def score_captions(gts, res, coco='auto'):
+    """Score generated captions against all references.
+
+    coco: 'auto' (the COCO toolkit when available), True (required) or False (nltk only).
+    Returns (metrics, note): metrics has 'nltk_Bleu_1'..'nltk_Bleu_4' always and, from the COCO
+    toolkit when used, 'Bleu_1'..'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'; without it 'Bleu_1'..'Bleu_4'
+    repeat nltk's. `note` says which toolkit gave what.
+    """
+    bleu, _ = NltkBleu().compute_score(gts, res)
+    metrics = {f'nltk_Bleu_{n}': float(b) for n, b in enumerate(bleu, 1)}
+    ok, why = coco_status() if coco else (False, 'disabled')
+    if coco is True and not ok:
+        raise RuntimeError(f'the COCO caption toolkit was required but {why}')
+    if ok:
+        metrics.update(coco_scores(gts, res))
+        return metrics, 'BLEU/METEOR/ROUGE-L/CIDEr: pycocoevalcap (PTB tokenizer); nltk_Bleu_*: nltk'
+    metrics.update({f'Bleu_{n}': metrics[f'nltk_Bleu_{n}'] for n in range(1, 5)})
+    return metrics, f'BLEU from nltk only; METEOR, ROUGE-L and CIDEr need the COCO toolkit: {why}'

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny prepared synthetic dataset and a tiny trained checkpoint, made once per
+test session on CPU with random weights (no network)."""
+import importlib
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# Small settings shared by the training tests: a random resnet18 on 64 px images (2x2 features).
+TINY_MODEL = ['--encoder', 'resnet18', '--encoder-weights', 'none', '--image-size', '64',
+              '--encoded-image-size', '2', '--emb-dim', '16', '--attention-dim', '16', '--decoder-dim', '32',
+              '--workers', '0', '--log-every', '1']
+
+
+def script(name):
+    """Import a numbered script (e.g. '01_train') as a module."""
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope='session')
+def synth_data(tmp_path_factory):
+    """(data folder, data name) of a prepared 60-image synthetic set (48 TRAIN, 6 VAL, 6 TEST)."""
+    folder = tmp_path_factory.mktemp('synth')
+    rc = script('00_create_input_files').main(['--output-folder', str(folder), '--synthetic-images', '60',
+                                               '--synthetic-image-size', '64', '--min-word-freq', '2'])
+    assert rc == 0
+    return str(folder), 'synthetic_5_cap_per_img_2_min_word_freq'
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(synth_data, tmp_path_factory):
+    """Path of a BEST checkpoint trained for one epoch on the tiny synthetic set."""
+    folder, name = synth_data
+    out = tmp_path_factory.mktemp('run')
+    rc = script('01_train').main(['--data-folder', folder, '--out-dir', str(out), '--epochs', '1',
+                                  '--batch-size', '20', *TINY_MODEL])
+    assert rc == 0
+    return str(out / f'BEST_checkpoint_{name}.pt')

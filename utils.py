@@ -1,0 +1,245 @@
+"""Small shared helpers: tokenisation, atomic file writes, checkpoints, seeding, devices,
+meters and the distributed (torchrun) plumbing.
+
+Nothing here does work at import time.
+"""
+import contextlib
+import glob
+import json
+import os
+import random
+import re
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
+CHECKPOINT_FORMAT = 1
+
+_WORD_RE = re.compile(r'[a-z0-9]+')
+
+
+def tokenize(text):
+    """Lower-case a sentence and keep its alphanumeric words: "A dog's toy." -> ['a', 'dog', 's', 'toy'].
+
+    The same rule is used to build vocabularies from raw captions and to score generated captions
+    against raw references with nltk BLEU.
+    """
+    return _WORD_RE.findall(text.lower())
+
+
+def data_base_name(dataset, captions_per_image, min_word_freq):
+    """The tutorial's base name for prepared files, e.g. 'coco_5_cap_per_img_5_min_word_freq'."""
+    return f'{dataset}_{captions_per_image}_cap_per_img_{min_word_freq}_min_word_freq'
+
+
+def find_data_name(data_folder):
+    """Return the base name of the one prepared dataset in `data_folder` (found by its WORDMAP file)."""
+    names = sorted(os.path.basename(p)[len('WORDMAP_'):-len('.json')]
+                   for p in glob.glob(os.path.join(data_folder, 'WORDMAP_*.json')))
+    if not names:
+        raise FileNotFoundError(f'no prepared dataset in {data_folder!r} (no WORDMAP_*.json): '
+                                'run 00_create_input_files.py first, or pass --data-folder')
+    if len(names) > 1:
+        raise ValueError(f'{data_folder!r} holds several prepared datasets ({", ".join(names)}): '
+                         'choose one with --data-name')
+    return names[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: a file either has its old content or its complete new content, never a part.
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; on success it is renamed over `path`, on error removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path, obj, indent=None):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+
+
+def read_json(path, what='JSON file'):
+    """Read JSON with an error that names the file and the place of a syntax error."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{what} not found: {path}') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line (logs: a crash loses at most the line being written)."""
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and primitives, loadable with torch.load(weights_only=True).
+
+def save_checkpoint(path, state):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f'{path}: cannot be loaded as a checkpoint of this suite ({e.__class__.__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else ""}). Tutorial .pth.tar files pickle whole '
+                         'modules: load one with the tutorial\'s code and save decoder.state_dict(), whose '
+                         'parameter names DecoderWithAttention.load_state_dict accepts.') from None
+    if not isinstance(ckpt, dict) or 'decoder' not in ckpt or 'config' not in ckpt:
+        raise ValueError(f'{path}: not a checkpoint of this suite (expected keys "config" and "decoder")')
+    return ckpt
+
+
+def half_state_dict(state_dict):
+    """fp32 floating tensors -> fp16 (for small shipped checkpoints); other tensors unchanged."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def float_state_dict(state_dict):
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """All RNG states as tensors and primitives (safe for weights_only loading)."""
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_tuplify(state['python']))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and distributed training
+
+def get_device(name='auto', local_rank=0):
+    """'auto' -> CUDA when present (the process's local GPU under torchrun), else CPU."""
+    if name == 'auto':
+        name = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+    elif name == 'cuda':
+        name = f'cuda:{local_rank}'
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError('--device cuda was asked for but no CUDA GPU is visible')
+    return device
+
+
+def init_distributed(device_name='auto'):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    Returns (rank, world_size, device). 'nccl' on GPUs, 'gloo' on CPU.
+    """
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = get_device(device_name, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over processes (in place; no-op in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup_distributed():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Meters
+
+class AverageMeter:
+    """Running average of a value (as in the tutorial and torchvision's references)."""
+
+    def __init__(self):
+        self.val = self.avg = self.sum = self.count = 0.0
+
+    def update(self, val, n=1):
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.sum / max(self.count, 1)
+
+
+def topk_accuracy(scores, targets, k):
+    """Percentage of rows of `scores` [N, V] whose top-k contains `targets` [N]."""
+    top = scores.topk(k, dim=1).indices                      # [N, k]
+    correct = top.eq(targets.view(-1, 1)).any(dim=1).sum()   # scalar
+    return correct.item() * 100.0 / max(targets.numel(), 1)
+
+
+def format_size(num_bytes):
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if num_bytes < 1024 or unit == 'TB':
+            return f'{num_bytes:.1f} {unit}' if unit != 'B' else f'{num_bytes} B'
+        num_bytes /= 1024
