@@ -11,9 +11,7 @@ A random model (no --checkpoint) rarely emits <end>, so it decodes --max-len ste
 --tutorial also times benchmarks/tutorial_reference.py's one-image-at-a-time beam search.
 """
 import argparse
-import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ sys.path.insert(0, HERE)
 import caption  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
+from common import environment, peak_rss_mb, report, setup  # noqa: E402
 from tutorial_reference import tutorial_beam_search  # noqa: E402
 
 
@@ -76,10 +75,7 @@ def load_model(args, device):
 @torch.inference_mode()
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    device = setup(args.device, args.threads)
     encoder, decoder, word_map, model_name = load_model(args, device)
     transform = datasets.ImageTransform(**encoder.transform_config())
     paths = datasets.list_images(args.images)
@@ -106,16 +102,8 @@ def main(argv=None):
                          'decode_steps': steps, 'decode_ms_per_image_step': round(tut_s / steps * 1000, 3)})
     result = {'benchmark': 'infer', 'model': model_name, 'image_size': encoder.image_size,
               'grid': encoder.encoded_image_size, 'max_len': args.max_len, 'results': rows,
-              'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              'torch': torch.__version__, 'threads': torch.get_num_threads(), 'device': str(device),
-              'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{model_name} ({encoder.image_size}px, grid {encoder.encoded_image_size}), {device}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-        for r in rows:
-            print('  ' + ', '.join(f'{k}={v}' for k, v in r.items()))
+              'peak_rss_mb': peak_rss_mb(), **environment(device)}
+    report(result, args.json)
     return 0
 
 

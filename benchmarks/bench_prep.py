@@ -12,7 +12,6 @@ import argparse
 import importlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -23,6 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+from common import peak_rss_mb, report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -77,17 +79,11 @@ def main(argv=None):
     summary = json.load(open(source))
     n_images = len(summary['images'])
     n_captions = sum(len(i['sentences']) for i in summary['images'])
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss +
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     result = {'benchmark': 'prep', 'source': os.path.basename(source), 'images': n_images, 'captions': n_captions,
               'hdf5': args.hdf5, 'image_size': args.image_size if args.hdf5 else None,
               'seconds': round(statistics.median(seconds), 2), 'wall_seconds': round(statistics.median(wall), 2),
-              'runs': args.runs, 'peak_rss_mb': round(peak), 'cpus': os.cpu_count()}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f'{k:>14}: {v}')
+              'runs': args.runs, 'peak_rss_mb': peak_rss_mb(), 'cpus': os.cpu_count()}
+    report(result, args.json)
     return 0
 
 

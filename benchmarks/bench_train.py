@@ -15,9 +15,7 @@ benchmarks/tutorial_reference.py: attention projection recomputed every step, pa
 """
 import argparse
 import importlib
-import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import models  # noqa: E402
+from common import environment, peak_rss_mb, report, setup  # noqa: E402
 from tutorial_reference import tutorial_loss  # noqa: E402
 
 FLICKR8K_WORDS_MEAN, FLICKR8K_WORDS_SD = 11.8, 3.8     # caption length in words (Flickr8k train)
@@ -55,12 +54,6 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     return p.parse_args(argv)
-
-
-def peak_rss_mb():
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024
 
 
 def timed(step, n_captions, args, device):
@@ -169,21 +162,12 @@ def dataset_bench(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    device = setup(args.device, args.threads)
     (rate, rates), info = (synthetic_features_bench if args.synthetic_features else dataset_bench)(args, device)
     result = {'benchmark': 'train', **info, 'tutorial_formulation': args.tutorial, 'captions_per_s': round(rate, 2),
               'window_captions_per_s': [round(r, 2) for r in rates], 'batch_size': args.batch_size,
-              'dims': args.dim, 'peak_rss_mb': round(peak_rss_mb()), 'torch': torch.__version__,
-              'threads': torch.get_num_threads(), 'device': str(device),
-              'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f'{k:>24}: {v}')
+              'dims': args.dim, 'peak_rss_mb': peak_rss_mb(), **environment(device)}
+    report(result, args.json)
     return 0
 
 
