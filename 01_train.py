@@ -21,6 +21,7 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -51,6 +52,8 @@ ENCODER_LR = 1e-4               # used when fine-tuning the encoder
 GRAD_CLIP = 5.0                 # clip gradient values to [-GRAD_CLIP, GRAD_CLIP] (0 = off)
 ALPHA_C = 1.0                   # weight of the doubly stochastic attention penalty
 LABEL_SMOOTHING = 0.0
+EMA_DECAY = 0.0                 # keep an exponential moving average of the decoder's weights (e.g. 0.999;
+                                # 0 = off); validation, BEST and inference then use the average
 LR_PATIENCE = 3                 # epochs without VAL improvement before the learning rate is cut ...
 LR_DECAY = 0.8                  # ... by this factor
 EARLY_STOP = 8                  # stop after this many epochs without VAL improvement (0 = never)
@@ -111,6 +114,7 @@ def make_parser(suppress=False):
     add('--grad-clip', GRAD_CLIP, 'clip gradient values (0 = off)')
     add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight')
     add('--label-smoothing', LABEL_SMOOTHING, 'label smoothing of the cross-entropy')
+    add('--ema-decay', EMA_DECAY, 'per-step decay of a moving average of the decoder weights (0 = off)')
     add('--lr-patience', LR_PATIENCE, 'epochs without improvement before the learning rate is cut')
     add('--lr-decay', LR_DECAY, 'learning-rate cut factor')
     add('--early-stop', EARLY_STOP, 'epochs without improvement before stopping (0 = never)')
@@ -256,10 +260,12 @@ class Trainer:
         # Models
         weights = 'none' if (resume_ckpt or init_ckpt) else config['encoder_weights']
         encoder, decoder = build_models(config, len(self.word_map), weights)
-        for ckpt in (resume_ckpt, init_ckpt):
-            if ckpt is not None:
-                encoder.load_state_dict(utils.float_state_dict(ckpt['encoder']))
-                decoder.load_state_dict(utils.float_state_dict(ckpt['decoder']))
+        if resume_ckpt:
+            encoder.load_state_dict(utils.float_state_dict(resume_ckpt['encoder']))
+            decoder.load_state_dict(utils.float_state_dict(resume_ckpt['decoder']))
+        if init_ckpt:   # a new run starts from the weights that were selected (the average, if kept)
+            encoder.load_state_dict(utils.float_state_dict(init_ckpt['encoder']))
+            decoder.load_state_dict(utils.float_state_dict(init_ckpt.get('decoder_ema') or init_ckpt['decoder']))
         encoder.fine_tune(config['fine_tune_encoder'], config['fine_tune_from'] or None)
         self.encoder, self.decoder = encoder.to(device), decoder.to(device)
         self.cuda = device.type == 'cuda'
@@ -309,6 +315,9 @@ class Trainer:
         elif config['amp']:
             self.log('note: --amp is for CUDA; training in fp32 on CPU')
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if config.get('ema_decay'):
+            self.ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config['ema_decay']))
         self.state = {'epoch': 0, 'images_done': 0, 'step': 0, 'best_score': -1.0, 'best_epoch': -1,
                       'epochs_since_improvement': 0}
         if resume_ckpt:
@@ -316,6 +325,8 @@ class Trainer:
             self.scheduler.load_state_dict(resume_ckpt['scheduler'])
             if resume_ckpt.get('scaler'):
                 self.scaler.load_state_dict(resume_ckpt['scaler'])
+            if self.ema is not None:
+                self.ema.load_state_dict(resume_ckpt['decoder_ema_state'])
             self.state.update({k: resume_ckpt[k] for k in self.state})
             utils.set_rng_state(resume_ckpt['rng'])
             self.log(f"resuming {config['resume']}: epoch {self.state['epoch']}, {self.state['images_done']} "
@@ -360,6 +371,8 @@ class Trainer:
                 'encoder': self.encoder.state_dict(), 'decoder': self.decoder.state_dict(),
                 'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
                 'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                'decoder_ema': self.ema.module.state_dict() if self.ema else None,
+                'decoder_ema_state': self.ema.state_dict() if self.ema else None,
                 'val_metrics': val_metrics, 'rng': utils.get_rng_state(), **self.state})
 
     def run(self):
@@ -448,6 +461,8 @@ class Trainer:
             torch.nn.utils.clip_grad_value_(self.params, config['grad_clip'])
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.decoder)
         return loss, out, int(counts[1])
 
     def train_epoch(self, stopper):
@@ -501,8 +516,9 @@ class Trainer:
     @torch.inference_mode()
     def validate(self):
         """Teacher-forced loss/top-5 and, for model selection, BLEU-4 of generated VAL captions."""
+        decoder = self.ema.module if self.ema is not None else self.decoder
         self.encoder.eval()
-        self.decoder.eval()
+        decoder.eval()
         rev = {v: k for k, v in self.word_map.items()}
         cpi, device = self.cpi, self.device
         tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
@@ -511,11 +527,11 @@ class Trainer:
                                      dynamic_ncols=True, disable=None):
             b = caps.size(0)
             enc = self.encode(self.encoder, x)
-            out = self.decoder(enc, caps.to(device).view(b * cpi, -1), caplens.to(device).view(-1),
-                               torch.arange(b, device=device).repeat_interleave(cpi))
+            out = decoder(enc, caps.to(device).view(b * cpi, -1), caplens.to(device).view(-1),
+                          torch.arange(b, device=device).repeat_interleave(cpi))
             tf_loss.update(caption_loss(out, self.config['alpha_c']).item(), out.targets.numel())
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
-            for hyp in beam_search(self.decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
+            for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
                 res[i] = [' '.join(words_of(hyp['tokens'], rev))]
                 gts[i] = self.val_refs[i]
                 if len(samples) < 3:

@@ -613,7 +613,7 @@ def build_feature_cache(encoder, dataset, path, device, batch_size=32, workers=0
     CaptionDataset over images) and store its native feature maps as fp16 [N, C, h, w] at `path`."""
     from torch.utils.data import DataLoader
     loader = DataLoader(_Images(dataset), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == 'cuda')
+                        pin_memory=device.type == 'cuda', generator=torch.Generator())  # leaves the global RNG alone
     encoder.eval()
     out = None
     with atomic_path(path) as tmp:

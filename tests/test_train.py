@@ -43,8 +43,8 @@ def test_run_writes_checkpoints_and_logs(synth_data, tiny_checkpoint):
 def test_interrupted_and_resumed_training_reproduces_losses(synth_data, tmp_path):
     folder, _ = synth_data
     full, parts = tmp_path / 'full', tmp_path / 'parts'
-    assert run(folder, full, '--epochs', '2') == 0
-    assert run(folder, parts, '--epochs', '2', '--max-steps', '7') == 0        # stops inside epoch 0
+    assert run(folder, full, '--epochs', '2', '--ema-decay', '0.9') == 0
+    assert run(folder, parts, '--epochs', '2', '--ema-decay', '0.9', '--max-steps', '7') == 0   # inside epoch 0
     ckpt_path = next(parts.glob('checkpoint_*.pt'))
     mid = torch.load(ckpt_path, weights_only=True)
     assert (mid['epoch'], mid['step'], mid['images_done']) == (0, 7, 28)
@@ -52,7 +52,9 @@ def test_interrupted_and_resumed_training_reproduces_losses(synth_data, tmp_path
     assert train.main(['--resume', str(ckpt_path)]) == 0
     assert step_losses(parts) == step_losses(full)                             # exactly, step by step
     a, b = (torch.load(next(d.glob('checkpoint_*.pt')), weights_only=True) for d in (full, parts))
-    assert all(torch.equal(a['decoder'][k], b['decoder'][k]) for k in a['decoder'])
+    for key in ('decoder', 'decoder_ema'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert not torch.equal(a['decoder']['fc.weight'], a['decoder_ema']['fc.weight'])
     assert a['best_score'] == b['best_score'] and b['epoch'] == 2
 
 
