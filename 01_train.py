@@ -29,7 +29,7 @@ import datasets
 import utils
 from caption import beam_search, words_of
 from metrics import NltkBleu
-from models import ENCODERS, build_models, caption_loss
+from models import ENCODERS, build_models, caption_loss, encoder_weights_for, restore_encoder
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -258,14 +258,14 @@ class Trainer:
         utils.seed_everything(config['seed'])
 
         # Models
-        weights = 'none' if (resume_ckpt or init_ckpt) else config['encoder_weights']
+        ckpt = resume_ckpt or init_ckpt
+        weights = encoder_weights_for(ckpt) if ckpt else config['encoder_weights']
         encoder, decoder = build_models(config, len(self.word_map), weights)
-        if resume_ckpt:
-            encoder.load_state_dict(utils.float_state_dict(resume_ckpt['encoder']))
-            decoder.load_state_dict(utils.float_state_dict(resume_ckpt['decoder']))
-        if init_ckpt:   # a new run starts from the weights that were selected (the average, if kept)
-            encoder.load_state_dict(utils.float_state_dict(init_ckpt['encoder']))
-            decoder.load_state_dict(utils.float_state_dict(init_ckpt.get('decoder_ema') or init_ckpt['decoder']))
+        if ckpt:
+            restore_encoder(encoder, ckpt)
+            # a resumed run continues its raw weights; a new run starts from the selected ones (the average)
+            state = ckpt['decoder'] if resume_ckpt else (ckpt.get('decoder_ema') or ckpt['decoder'])
+            decoder.load_state_dict(utils.float_state_dict(state))
         encoder.fine_tune(config['fine_tune_encoder'], config['fine_tune_from'] or None)
         self.encoder, self.decoder = encoder.to(device), decoder.to(device)
         self.cuda = device.type == 'cuda'

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from utils import float_state_dict, half_state_dict
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 EncoderSpec = collections.namedtuple('EncoderSpec', 'dim image_size mean std grid fine_tune_from')
@@ -303,28 +305,38 @@ def build_models(config, vocab_size, encoder_weights=None):
     return encoder, decoder
 
 
-def models_from_checkpoint(ckpt, device='cpu'):
-    """(encoder, decoder) in eval mode, fp32, on `device`, from a checkpoint dict (utils.load_checkpoint).
+def restore_encoder(encoder, ckpt):
+    """Load a checkpoint's encoder weights into `encoder` (built from the checkpoint's config).
 
-    Training checkpoints hold the whole encoder. Exported ones (tools/export_checkpoint.py) may hold
-    only 'encoder_delta', the entries that differ from the encoder's named pretrained weights: the
-    encoder is rebuilt from those weights, the delta applied, and the result checked against the
-    stored 'encoder_digest'."""
-    config = ckpt['config']
+    Training checkpoints hold the whole encoder (build it with weights 'none'). Exported ones
+    (tools/export_checkpoint.py) may hold only 'encoder_delta', the entries that differ from the
+    encoder's named pretrained weights (build it with those): the delta is applied and the result
+    checked against the stored 'encoder_digest'."""
     full = ckpt.get('encoder') is not None
-    encoder, decoder = build_models(config, len(ckpt['word_map']), 'none' if full else None)
     state = ckpt['encoder'] if full else ckpt.get('encoder_delta', {})
-    missing = set(state) - set(encoder.state_dict())
-    if missing:
-        raise ValueError(f'checkpoint encoder entries unknown to {encoder.name}: {sorted(missing)[:3]}')
-    encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=full)
+    unknown = set(state) - set(encoder.state_dict())
+    if unknown:
+        raise ValueError(f'checkpoint encoder entries unknown to {encoder.name}: {sorted(unknown)[:3]}')
+    encoder.load_state_dict(float_state_dict(state), strict=full)
     if not full and ckpt.get('encoder_digest'):
         from datasets import state_dict_digest
         if state_dict_digest(encoder) != ckpt['encoder_digest']:
-            raise ValueError(f"the {config['encoder']} weights installed here differ from those this checkpoint was "
-                             "trained with (encoder digest mismatch): install the pinned requirements-extras.txt")
-    weights = ckpt.get('decoder_ema') or ckpt['decoder']     # the moving average, when training kept one
-    decoder.load_state_dict({k: v.float() for k, v in weights.items()})
+            raise ValueError(f'the {encoder.name} weights installed here differ from those this checkpoint was '
+                             'trained with (encoder digest mismatch): install the pinned requirements-extras.txt')
+    return encoder
+
+
+def encoder_weights_for(ckpt):
+    """The weights to build a checkpoint's encoder with before restore_encoder."""
+    return 'none' if ckpt.get('encoder') is not None else ckpt['config']['encoder_weights']
+
+
+def models_from_checkpoint(ckpt, device='cpu'):
+    """(encoder, decoder) in eval mode, fp32, on `device`, from a checkpoint dict (utils.load_checkpoint);
+    the decoder's moving average when training kept one."""
+    encoder, decoder = build_models(ckpt['config'], len(ckpt['word_map']), encoder_weights_for(ckpt))
+    restore_encoder(encoder, ckpt)
+    decoder.load_state_dict(float_state_dict(ckpt.get('decoder_ema') or ckpt['decoder']))
     return encoder.to(device).eval(), decoder.to(device).eval()
 
 
@@ -335,7 +347,7 @@ def export_checkpoint(ckpt, fp16=True):
     random or a local file."""
     from datasets import state_dict_digest
     config = ckpt['config']
-    cast = (lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}) if fp16 else dict
+    cast = half_state_dict if fp16 else dict
     out = {'format': ckpt.get('format', 1), 'config': config, 'word_map': ckpt['word_map'],
            'decoder': cast(ckpt.get('decoder_ema') or ckpt['decoder']), 'epoch': ckpt.get('epoch'),
            'best_score': ckpt.get('best_score'), 'val_metrics': ckpt.get('val_metrics')}
@@ -345,6 +357,6 @@ def export_checkpoint(ckpt, fp16=True):
     encoder = build_models(config, len(ckpt['word_map']))[0]        # the named pretrained weights
     reference = encoder.state_dict()
     delta = cast({k: v for k, v in ckpt['encoder'].items() if not torch.equal(v.float(), reference[k].float())})
-    encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in delta.items()}, strict=False)
+    encoder.load_state_dict(float_state_dict(delta), strict=False)
     out.update(encoder=None, encoder_delta=delta, encoder_digest=state_dict_digest(encoder))
     return out

@@ -123,6 +123,8 @@ def dataset_bench(args, device):
         argv += ['--data-name', args.data_name]
     if args.image_size:
         argv += ['--image-size', str(args.image_size)]
+    if args.tutorial:
+        argv += ['--no-channels-last']          # the tutorial's encoder memory layout
     trainer = train.Trainer(argv, 0, 1, device)
     trainer.train_encoder.train()
     trainer.train_decoder.train()

@@ -134,3 +134,13 @@ def test_checkpoint_rng_state_round_trip():
     a = torch.rand(3)
     utils.set_rng_state(state)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path):
+    """Stage 2 can start from a small exported checkpoint too (encoder stored whole or as a delta)."""
+    import models
+    exported = tmp_path / 'small.pt'
+    utils.save_checkpoint(exported, models.export_checkpoint(utils.load_checkpoint(tiny_checkpoint)))
+    folder, name = synth_data
+    assert train.main(['--data-folder', folder, '--init-from', str(exported), '--epochs', '1', '--batch-size', '20',
+                       '--workers', '0', '--out-dir', str(tmp_path / 'again')]) == 0
