@@ -391,7 +391,9 @@ class Trainer:
                     self.log(f"stopped in epoch {state['epoch']} after {state['images_done']} images; continue "
                              f"with: python 01_train.py --resume {self.ckpt_path}")
                     return 0
+                val_start = time.time()
                 val = _broadcast(self.validate() if self.main else None, self.world)
+                stats['val_seconds'] = round(time.time() - val_start, 1)
                 self.end_epoch(stats, val)
                 if config['early_stop'] and state['epochs_since_improvement'] >= config['early_stop']:
                     self.log(f"no VAL improvement for {config['early_stop']} epochs: stopping")
@@ -510,7 +512,7 @@ class Trainer:
                 break
         bar.close()
         return stop, {'train_loss': losses.avg, 'train_top5': top5s.avg, 'steps': steps,
-                      'epoch_complete': steps == steps_planned,
+                      'epoch_complete': steps == steps_planned, 'train_seconds': round(time.time() - start, 1),
                       'captions_per_s': captions_seen / max(time.time() - start, 1e-9)}
 
     @torch.inference_mode()

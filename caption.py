@@ -40,8 +40,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
     h, c = decoder.init_hidden_state(enc)                                     # [B, D]
     att1 = decoder.attention.encoder_att(enc)                                 # [B, P, A], once per image
-    expand = lambda x: x.repeat_interleave(k, dim=0)                          # noqa: E731  [B*k, ...]
-    enc, att1, h, c = expand(enc), expand(att1), expand(h), expand(c)
+    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)       # [B*k, D]: row = image*k + beam
     ids = list(range(B))                                                      # images still searching
     scores = torch.full((B, k), float('-inf'), device=device)
     scores[:, 0] = 0.0                                                        # only one beam alive at first
@@ -100,8 +99,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
             keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
             ids = [b for b, d in zip(ids, done) if not d]
-            scores = scores[keep]
-            enc, att1, h, c = enc[keep_rows], att1[keep_rows], h[keep_rows], c[keep_rows]
+            scores, enc, att1 = scores[keep], enc[keep], att1[keep]
+            h, c = h[keep_rows], c[keep_rows]
             prev, seqs, alpha_hist = prev[keep_rows], seqs[keep_rows], alpha_hist[keep_rows]
 
     results = []

@@ -576,17 +576,36 @@ class CaptionDataset(Dataset):
 # Feature cache: a frozen encoder runs once over a split; training reads fp16 features from disk.
 
 class FeatureCache:
-    """Memory-mapped fp16 encoder features [N, C, h, w] in a .npy file. Item -> fp16 tensor [C, h, w]."""
+    """fp16 encoder features [N, C, h, w] in a .npy file. Item -> fp16 tensor [C, h, w].
+
+    Items are read with os.pread at their offset, so memory use stays at a batch's worth whatever
+    the cache size (a memory map would keep every page it touched resident in the process), and the
+    file handle works in any number of DataLoader workers."""
 
     def __init__(self, path):
-        self.path = path
-        self.array = np.load(path, mmap_mode='r')
+        self.path, self._fd, self._pid = path, None, None
+        header = np.load(path, mmap_mode='r')              # only to read shape, dtype and data offset
+        if not header.flags.c_contiguous or header.dtype != np.float16 or header.ndim != 4:
+            raise ValueError(f'{path}: not a feature cache (expected a C-ordered float16 [N, C, h, w] array)')
+        self.shape, self.offset = header.shape, header.offset
+        self.item_bytes = int(np.prod(self.shape[1:])) * 2
+        del header
 
     def __len__(self):
-        return self.array.shape[0]
+        return self.shape[0]
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.array[i]))
+        if self._fd is None or self._pid != os.getpid():   # one descriptor per process
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, self.item_bytes, self.offset + i * self.item_bytes)
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(self.shape[1:]).copy())
+
+    def __getstate__(self):
+        return {**self.__dict__, '_fd': None, '_pid': None}
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
 
 
 def state_dict_digest(module):

@@ -193,14 +193,20 @@ class Attention(nn.Module):
         self.softmax = nn.Softmax(dim=1)
 
     def forward(self, encoder_out, decoder_hidden, att1=None):
-        """encoder_out [B, P, C], decoder_hidden [B, D], att1 = encoder_att(encoder_out) [B, P, A]
-        (pass it to avoid recomputing it every step) -> context [B, C], alpha [B, P]."""
+        """encoder_out [n, P, C], decoder_hidden [n * k, D], att1 = encoder_att(encoder_out) [n, P, A]
+        (pass it to avoid recomputing it every step) -> context [n * k, C], alpha [n * k, P].
+
+        k > 1 rows per image (beam search: row i * k + j is beam j of image i) share that image's
+        features, read once instead of once per row; training uses k = 1."""
         if att1 is None:
-            att1 = self.encoder_att(encoder_out)                              # [B, P, A]
-        att2 = self.decoder_att(decoder_hidden)                               # [B, A]
-        att = self.full_att(self.relu(att1 + att2.unsqueeze(1))).squeeze(2)   # [B, P]
-        alpha = self.softmax(att)                                             # [B, P]
-        context = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)       # [B, C]
+            att1 = self.encoder_att(encoder_out)                              # [n, P, A]
+        n, P, A = att1.shape
+        k = decoder_hidden.size(0) // n
+        att2 = self.decoder_att(decoder_hidden).view(n, k, 1, A)              # [n, k, 1, A]
+        hidden = torch.add(att1.unsqueeze(1), att2).relu_()                   # [n, k, P, A], ReLU in place
+        att = self.full_att(hidden).view(n * k, P)                            # [n*k, P]
+        alpha = self.softmax(att)                                             # [n*k, P]
+        context = torch.bmm(alpha.view(n, k, P), encoder_out).view(n * k, -1)  # [n*k, C]
         return context, alpha
 
 
@@ -236,8 +242,8 @@ class DecoderWithAttention(nn.Module):
         return self.init_h(mean), self.init_c(mean)
 
     def step(self, emb, h, c, encoder_out, att1):
-        """One time step. emb [b, E], h, c [b, D], encoder_out [b, P, C], att1 [b, P, A]
-        -> new h, c [b, D] and the attention weights alpha [b, P]."""
+        """One time step. emb [b, E], h, c [b, D], encoder_out [b / k, P, C], att1 [b / k, P, A] (k rows
+        per image, see Attention) -> new h, c [b, D] and the attention weights alpha [b, P]."""
         context, alpha = self.attention(encoder_out, h, att1)
         gate = self.sigmoid(self.f_beta(h))                                    # [b, C]
         h, c = self.decode_step(torch.cat([emb, gate * context], dim=1), (h, c))
