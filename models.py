@@ -19,13 +19,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 EncoderSpec = collections.namedtuple('EncoderSpec', 'dim image_size mean std grid fine_tune_from')
 ENCODERS = {
-    # name: feature channels, input side, normalisation, default encoded grid, default fine-tuning start
+    # name: feature channels, input side, normalisation, default encoded grid (None: the native
+    # 1/32 map, no pooling), default fine-tuning start
     'resnet18': EncoderSpec(512, 256, IMAGENET_MEAN, IMAGENET_STD, 14, 'layer2'),
     'resnet34': EncoderSpec(512, 256, IMAGENET_MEAN, IMAGENET_STD, 14, 'layer2'),
     'resnet50': EncoderSpec(2048, 256, IMAGENET_MEAN, IMAGENET_STD, 14, 'layer2'),
     'resnet101': EncoderSpec(2048, 256, IMAGENET_MEAN, IMAGENET_STD, 14, 'layer2'),
     'resnet152': EncoderSpec(2048, 256, IMAGENET_MEAN, IMAGENET_STD, 14, 'layer2'),
-    'efficientnet_lite0': EncoderSpec(1280, 224, (0.498,) * 3, (0.502,) * 3, 7, '_blocks.11'),
+    'efficientnet_lite0': EncoderSpec(1280, 224, (0.498,) * 3, (0.502,) * 3, None, '_blocks.11'),
 }
 EXTRAS_HINT = 'pip install -r requirements-extras.txt'
 
@@ -129,7 +130,7 @@ class Encoder(nn.Module):
         self.name, self.encoder_dim = name, spec.dim
         self.image_size = image_size or spec.image_size
         self.mean, self.std = spec.mean, spec.std
-        self.encoded_image_size = encoded_image_size or spec.grid
+        self.encoded_image_size = encoded_image_size or spec.grid or max(1, self.image_size // 32)
         self.backbone = _build_backbone(name, weights, self.image_size)
         self.channels_last = channels_last       # faster convolutions on CPUs and tensor-core GPUs
         if channels_last:
