@@ -26,6 +26,7 @@ BEAM_SIZE = 3                              # 1 = greedy
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = 0                        # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 0                                # at least this many words
+ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
 BATCH_SIZE = 16                            # images per batch
 WORKERS = 0                                # DataLoader workers decoding images
@@ -43,6 +44,8 @@ def parse_args(argv=None):
                    help='length normalisation exponent (default: %(default)s)')
     p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM, help='(default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
+    p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
+                   help='let captions contain <unk> (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
@@ -68,7 +71,7 @@ def main(argv=None):
     results, failures = caption.caption_paths(
         encoder, decoder, word_map, paths, (args.beam_size,), args.batch_size, args.workers, device,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-        min_len=args.min_len)
+        min_len=args.min_len, allow_unk=args.allow_unk)
     seconds = time.time() - start
     rows = []
     for path, res in zip(paths, results):

@@ -31,6 +31,7 @@ BEAM_SIZES = [3]                           # one row of results per beam size
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = 0
 MIN_LEN = 0
+ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
 BATCH_SIZE = 32
 WORKERS = 0
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM, help='(default: %(default)s)')
     p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM, help='(default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
+    p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
+                   help='let captions contain <unk> (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
@@ -101,7 +104,7 @@ def main(argv=None):
     results, failures = caption.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-        min_len=args.min_len)
+        min_len=args.min_len, allow_unk=args.allow_unk)
     seconds = time.time() - start
     for path, err in failures:
         print(f'warning: skipped {path}: {err}', file=sys.stderr)

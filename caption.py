@@ -14,19 +14,20 @@ from utils import atomic_path, load_checkpoint
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
-DEFAULT_LENGTH_NORM = 0.0
+DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
 
 
 @torch.inference_mode()
 def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_norm=0.0,
-                no_repeat_ngram_size=0, min_len=0):
+                no_repeat_ngram_size=0, min_len=0, allow_unk=False):
     """Beam search for a batch of images at once (images x beams in one batch).
 
     encoder_out: [B, g, g, C] or [B, P, C]. beam_size 1 is greedy decoding. A hypothesis that emits
     <end> is set aside; an image is done once it has `beam_size` finished hypotheses. The best one
     by score / (length ** length_norm) is returned (length counts the words and <end>); when none
     finished within `max_len` words, the best unfinished one is. `min_len` forbids <end> before that
-    many words; `no_repeat_ngram_size` n forbids repeating any n-gram.
+    many words; `no_repeat_ngram_size` n forbids repeating any n-gram. <start> and <pad> are never
+    emitted, nor <unk> unless `allow_unk`.
 
     Returns one dict per image: 'tokens' (word ids, without <start>/<end>), 'score' (summed log
     probability), 'norm_score', 'finished' (bool), 'alphas' ([len(tokens) (+1 with <end>), P] float
@@ -37,6 +38,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     P, V, k = enc.size(1), decoder.vocab_size, beam_size
     start, end = word_map['<start>'], word_map['<end>']
     device = enc.device
+    banned = torch.zeros(V, device=device)                                    # added to every step's scores
+    banned[[word_map[w] for w in ('<start>', '<pad>') + (() if allow_unk else ('<unk>',)) if w in word_map]] = float('-inf')
 
     h, c = decoder.init_hidden_state(enc)                                     # [B, D]
     att1 = decoder.attention.encoder_att(enc)                                 # [B, P, A], once per image
@@ -53,7 +56,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     for t in range(max_len):
         n_img = len(ids)
         h, c, alpha = decoder.step(decoder.embedding(prev), h, c, enc, att1)
-        logp = F.log_softmax(decoder.fc(h), dim=1)                            # [N, V]
+        logp = F.log_softmax(decoder.fc(h), dim=1) + banned                   # [N, V]
         if t < min_len:
             logp[:, end] = float('-inf')
         if no_repeat_ngram_size:

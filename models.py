@@ -357,7 +357,9 @@ def export_checkpoint(ckpt, fp16=True):
     cast = half_state_dict if fp16 else dict
     out = {'format': ckpt.get('format', 1), 'config': config, 'word_map': ckpt['word_map'],
            'decoder': cast(ckpt.get('decoder_ema') or ckpt['decoder']), 'epoch': ckpt.get('epoch'),
-           'best_score': ckpt.get('best_score'), 'val_metrics': ckpt.get('val_metrics')}
+           'best_score': ckpt.get('best_score'),
+           # numbers only: sample captions quote the dataset's references, which must not ship
+           'val_metrics': {k: v for k, v in (ckpt.get('val_metrics') or {}).items() if k != 'samples'}}
     if config['encoder_weights'] != 'imagenet':
         out['encoder'] = cast(ckpt['encoder'])
         return out

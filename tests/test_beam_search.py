@@ -41,11 +41,17 @@ def sequence_logprob(dec, enc, tokens):
     return total
 
 
-def exhaustive(dec, enc, max_len, length_norm=0.0):
+def words_allowed(allow_unk=False):
+    """Tokens a caption may contain: never <start>/<pad>/<end> mid-caption, <unk> only when allowed."""
+    banned = {START, END, WORD_MAP['<pad>']} | (set() if allow_unk else {WORD_MAP['<unk>']})
+    return [t for t in range(V) if t not in banned]
+
+
+def exhaustive(dec, enc, max_len, length_norm=0.0, allow_unk=False):
     """Best finished caption (words then <end>, at most max_len tokens) by brute force."""
     best = None
     for n_words in range(max_len):
-        for words in itertools.product([t for t in range(V) if t != END], repeat=n_words):
+        for words in itertools.product(words_allowed(allow_unk), repeat=n_words):
             seq = list(words) + [END]
             score = sequence_logprob(dec, enc, seq)
             norm = score / len(seq) ** length_norm
@@ -54,13 +60,14 @@ def exhaustive(dec, enc, max_len, length_norm=0.0):
     return best
 
 
-@pytest.mark.parametrize('length_norm', [0.0, 1.0])
+@pytest.mark.parametrize('length_norm, allow_unk', [(0.0, False), (1.0, False), (0.5, True)])
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_wide_beam_equals_exhaustive_search(seed, length_norm):
+def test_wide_beam_equals_exhaustive_search(seed, length_norm, allow_unk):
     dec, enc, max_len = decoder(seed), features(1, seed), 3
-    norm, score, words = exhaustive(dec, enc[0], max_len, length_norm)
+    norm, score, words = exhaustive(dec, enc[0], max_len, length_norm, allow_unk)
     k = V ** max_len                                    # wide enough to keep every prefix
-    hyp = beam_search(dec, enc, WORD_MAP, beam_size=k, max_len=max_len, length_norm=length_norm)[0]
+    hyp = beam_search(dec, enc, WORD_MAP, beam_size=k, max_len=max_len, length_norm=length_norm,
+                      allow_unk=allow_unk)[0]
     assert hyp['finished'] and hyp['tokens'] == words
     assert hyp['score'] == pytest.approx(score, abs=1e-4)
     assert hyp['norm_score'] == pytest.approx(norm, abs=1e-4)
@@ -75,7 +82,8 @@ def test_greedy_is_argmax_decoding():
         att1 = dec.attention.encoder_att(e)
         for _ in range(20):
             h, c, _ = dec.step(dec.embedding(torch.tensor([prev])), h, c, e, att1)
-            prev = int(dec.fc(h).argmax())
+            allowed = words_allowed() + [END]
+            prev = allowed[int(dec.fc(h)[0, allowed].argmax())]
             if prev == END:
                 break
             tokens.append(prev)
@@ -95,7 +103,7 @@ def test_batched_equals_one_image_at_a_time(beam_size):
 
 @pytest.mark.parametrize('beam_size', [1, 3])
 def test_never_ending_model_still_returns_a_caption(beam_size):
-    dec, enc = decoder(5, end_bias=-1e4), features(2, 5)
+    dec, enc = decoder(5, end_bias=float('-inf')), features(2, 5)      # <end> has probability 0
     hyps = beam_search(dec, enc, WORD_MAP, beam_size=beam_size, max_len=7)
     for hyp in hyps:
         assert not hyp['finished'] and len(hyp['tokens']) == 7
@@ -114,8 +122,9 @@ def test_min_len_and_no_repeat_ngram():
     dec, enc = decoder(7, end_bias=3.0), features(4, 7)
     for hyp in beam_search(dec, enc, WORD_MAP, beam_size=3, max_len=15, min_len=4):
         assert len(hyp['tokens']) >= 4
-    dec = decoder(8, end_bias=-1e4)
-    for n in (1, 2, 3):
-        for hyp in beam_search(dec, enc, WORD_MAP, beam_size=2, max_len=12 if n > 1 else 5, no_repeat_ngram_size=n):
+    dec = decoder(8, end_bias=float('-inf'))
+    for n, max_len in ((1, 3), (2, 8), (3, 12)):   # 3 words (a, b, <unk>): short enough to avoid repeats
+        for hyp in beam_search(dec, enc, WORD_MAP, beam_size=2, max_len=max_len, no_repeat_ngram_size=n,
+                               allow_unk=True):
             grams = [tuple(hyp['tokens'][i:i + n]) for i in range(len(hyp['tokens']) - n + 1)]
             assert len(grams) == len(set(grams))
