@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import caption  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
-from common import environment, peak_rss_mb, report, setup  # noqa: E402
+from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_beam_search  # noqa: E402
 
 
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--json', action='store_true')
+    p.add_argument('--profile', action='store_true', help='print a torch.profiler table of each beam search')
     return p.parse_args(argv)
 
 
@@ -88,6 +89,10 @@ def main(argv=None):
             beam_s, hyps = median_time(lambda: caption.beam_search(decoder, enc, word_map, beam_size=k,
                                                                    max_len=args.max_len), args.repeats, device)
             steps = sum(h['steps'] for h in hyps)
+            if args.profile:
+                print(f'beam search, batch {B}, beam {k}:', file=sys.stderr)
+                print(profile_table(lambda: caption.beam_search(decoder, enc, word_map, beam_size=k,
+                                                                max_len=args.max_len)), file=sys.stderr)
             rows.append({'batch_size': B, 'beam_size': k, 'encoder_ms_per_image': round(enc_s / B * 1000, 2),
                          'beam_s': round(beam_s, 4), 'decode_steps': steps,
                          'decode_ms_per_image_step': round(beam_s / steps * 1000, 3),

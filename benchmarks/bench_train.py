@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import models  # noqa: E402
-from common import environment, peak_rss_mb, report, setup  # noqa: E402
+from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_loss  # noqa: E402
 
 FLICKR8K_WORDS_MEAN, FLICKR8K_WORDS_SD = 11.8, 3.8     # caption length in words (Flickr8k train)
@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.add_argument('--profile', action='store_true', help='also print a torch.profiler table of one window')
     return p.parse_args(argv)
 
 
@@ -62,6 +63,8 @@ def timed(step, n_captions, args, device):
     for _ in range(args.warmup):
         step()
     sync()
+    if args.profile:
+        print(profile_table(lambda: [step() for _ in range(args.steps)]), file=sys.stderr)
     rates = []
     for _ in range(args.windows):
         start, done = time.perf_counter(), 0

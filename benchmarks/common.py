@@ -34,3 +34,13 @@ def report(result, as_json):
     else:
         for k, v in result.items():
             print(f'{k:>24}: {v}')
+
+
+def profile_table(fn, rows=12):
+    """Run fn once under torch.profiler; the top operators by self CPU time, as a table string."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    key = 'self_cuda_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
