@@ -44,6 +44,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     h, c = decoder.init_hidden_state(enc)                                     # [B, D]
     att1 = decoder.attention.encoder_att(enc)                                 # [B, P, A], once per image
     h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)       # [B*k, D]: row = image*k + beam
+    workspace = att1.new_empty(B * k * att1.size(1) * att1.size(2))          # attention's [B, k, P, A], reused
     ids = list(range(B))                                                      # images still searching
     scores = torch.full((B, k), float('-inf'), device=device)
     scores[:, 0] = 0.0                                                        # only one beam alive at first
@@ -55,7 +56,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
     for t in range(max_len):
         n_img = len(ids)
-        h, c, alpha = decoder.step(decoder.embedding(prev), h, c, enc, att1)
+        h, c, alpha = decoder.step(decoder.embedding(prev), h, c, enc, att1, workspace)
         logp = F.log_softmax(decoder.fc(h), dim=1) + banned                   # [N, V]
         if t < min_len:
             logp[:, end] = float('-inf')

@@ -193,18 +193,23 @@ class Attention(nn.Module):
         self.relu = nn.ReLU()
         self.softmax = nn.Softmax(dim=1)
 
-    def forward(self, encoder_out, decoder_hidden, att1=None):
+    def forward(self, encoder_out, decoder_hidden, att1=None, workspace=None):
         """encoder_out [n, P, C], decoder_hidden [n * k, D], att1 = encoder_att(encoder_out) [n, P, A]
         (pass it to avoid recomputing it every step) -> context [n * k, C], alpha [n * k, P].
 
         k > 1 rows per image (beam search: row i * k + j is beam j of image i) share that image's
-        features, read once instead of once per row; training uses k = 1."""
+        features, read once instead of once per row; training uses k = 1. `workspace`: a flat
+        tensor of at least n * k * P * A elements that holds the [n, k, P, A] intermediate, so a
+        search reuses one buffer instead of allocating tens of MB per step (only without autograd)."""
         if att1 is None:
             att1 = self.encoder_att(encoder_out)                              # [n, P, A]
         n, P, A = att1.shape
         k = decoder_hidden.size(0) // n
         att2 = self.decoder_att(decoder_hidden).view(n, k, 1, A)              # [n, k, 1, A]
-        hidden = torch.add(att1.unsqueeze(1), att2).relu_()                   # [n, k, P, A], ReLU in place
+        out = None
+        if workspace is not None and not torch.is_grad_enabled() and workspace.dtype == att2.dtype == att1.dtype:
+            out = workspace[:n * k * P * A].view(n, k, P, A)
+        hidden = torch.add(att1.unsqueeze(1), att2, out=out).relu_()          # [n, k, P, A], ReLU in place
         att = self.full_att(hidden).view(n * k, P)                            # [n*k, P]
         alpha = self.softmax(att)                                             # [n*k, P]
         context = torch.bmm(alpha.view(n, k, P), encoder_out).view(n * k, -1)  # [n*k, C]
@@ -242,10 +247,10 @@ class DecoderWithAttention(nn.Module):
         mean = encoder_out.mean(dim=1)
         return self.init_h(mean), self.init_c(mean)
 
-    def step(self, emb, h, c, encoder_out, att1):
+    def step(self, emb, h, c, encoder_out, att1, workspace=None):
         """One time step. emb [b, E], h, c [b, D], encoder_out [b / k, P, C], att1 [b / k, P, A] (k rows
-        per image, see Attention) -> new h, c [b, D] and the attention weights alpha [b, P]."""
-        context, alpha = self.attention(encoder_out, h, att1)
+        per image; workspace: see Attention) -> new h, c [b, D] and the attention weights alpha [b, P]."""
+        context, alpha = self.attention(encoder_out, h, att1, workspace)
         gate = self.sigmoid(self.f_beta(h))                                    # [b, C]
         h, c = self.decode_step(torch.cat([emb, gate * context], dim=1), (h, c))
         return h, c, alpha

@@ -55,6 +55,21 @@ def test_image_index_shares_encoder_work_exactly():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_attention_workspace_gives_the_same_result_and_is_skipped_under_autograd():
+    att = tiny_decoder().attention
+    enc = torch.randn(3, P, C)
+    h = torch.randn(3 * 2, 7)                                   # 2 beams per image
+    ref_context, ref_alpha = att(enc, h)
+    workspace = torch.full((3 * 2 * P * 6 + 5,), float('nan'))  # larger than needed, filled with junk
+    with torch.no_grad():
+        context, alpha = att(enc, h, workspace=workspace)
+    assert torch.allclose(context, ref_context) and torch.allclose(alpha, ref_alpha)
+    assert not torch.isnan(workspace[:3 * 2 * P * 6]).any()     # the buffer was used
+    context, _ = att(enc, h, workspace=torch.empty(0))          # autograd on: a new tensor, not the buffer
+    context.sum().backward()
+    assert att.full_att.weight.grad is not None
+
+
 def test_overfits_a_few_captions():
     decoder = tiny_decoder()
     enc, caps, lengths = random_batch(n=4)
