@@ -29,7 +29,7 @@ import datasets
 import utils
 from caption import beam_search, words_of
 from metrics import NltkBleu
-from models import ENCODERS, build_models, caption_loss, encoder_weights_for, restore_encoder
+from models import ENCODERS, build_models, caption_loss, encoder_weights_for, restore_encoder, selected_decoder_state
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -272,7 +272,7 @@ class Trainer:
         if ckpt:
             restore_encoder(encoder, ckpt)
             # a resumed run continues its raw weights; a new run starts from the selected ones (the average)
-            state = ckpt['decoder'] if resume_ckpt else (ckpt.get('decoder_ema') or ckpt['decoder'])
+            state = ckpt['decoder'] if resume_ckpt else selected_decoder_state(ckpt)
             decoder.load_state_dict(utils.float_state_dict(state))
         encoder.fine_tune(config['fine_tune_encoder'], config['fine_tune_from'] or None)
         self.encoder, self.decoder = encoder.to(device), decoder.to(device)

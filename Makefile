@@ -24,7 +24,7 @@ test: $(STAMP)
 clean:
 	rm -rf outputs/demo
 
-# Reproduce the provided checkpoint (about 1.5 h on 2 CPU cores). Flickr8k in Karpathy format:
+# Reproduce the provided checkpoint (about 70 min on 2 CPU cores). Flickr8k in Karpathy format:
 # the split JSON and the image folder (defaults: this workplace's copy of train+val).
 FLICKR8K_JSON ?= ../shared/datasets/flickr8k/dataset_flickr8k.json
 FLICKR8K_IMAGES ?= ../shared/datasets/flickr8k/images

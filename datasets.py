@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, tokenize, write_json)
+from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, state_dict_digest, tokenize,
+                   write_json)
 
 SPLITS = ('TRAIN', 'VAL', 'TEST')
 SPLIT_NAMES = {'train': 'TRAIN', 'restval': 'TRAIN', 'val': 'VAL', 'test': 'TEST'}
@@ -606,15 +607,6 @@ class FeatureCache:
     def __del__(self):
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
-
-
-def state_dict_digest(module):
-    """Short hash of a module's weights (names a feature cache after the exact encoder)."""
-    h = hashlib.sha1()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:10]
 
 
 def feature_cache_path(dataset, encoder):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils import float_state_dict, half_state_dict
+from utils import float_state_dict, half_state_dict, state_dict_digest
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -331,7 +331,6 @@ def restore_encoder(encoder, ckpt):
         raise ValueError(f'checkpoint encoder entries unknown to {encoder.name}: {sorted(unknown)[:3]}')
     encoder.load_state_dict(float_state_dict(state), strict=full)
     if not full and ckpt.get('encoder_digest'):
-        from datasets import state_dict_digest
         if state_dict_digest(encoder) != ckpt['encoder_digest']:
             raise ValueError(f'the {encoder.name} weights installed here differ from those this checkpoint was '
                              'trained with (encoder digest mismatch): install the pinned requirements-extras.txt')
@@ -343,12 +342,17 @@ def encoder_weights_for(ckpt):
     return 'none' if ckpt.get('encoder') is not None else ckpt['config']['encoder_weights']
 
 
+def selected_decoder_state(ckpt):
+    """The decoder weights a checkpoint was selected with: the moving average when training kept one."""
+    return ckpt.get('decoder_ema') or ckpt['decoder']
+
+
 def models_from_checkpoint(ckpt, device='cpu'):
     """(encoder, decoder) in eval mode, fp32, on `device`, from a checkpoint dict (utils.load_checkpoint);
     the decoder's moving average when training kept one."""
     encoder, decoder = build_models(ckpt['config'], len(ckpt['word_map']), encoder_weights_for(ckpt))
     restore_encoder(encoder, ckpt)
-    decoder.load_state_dict(float_state_dict(ckpt.get('decoder_ema') or ckpt['decoder']))
+    decoder.load_state_dict(float_state_dict(selected_decoder_state(ckpt)))
     return encoder.to(device).eval(), decoder.to(device).eval()
 
 
@@ -357,11 +361,10 @@ def export_checkpoint(ckpt, fp16=True):
     floating weights in fp16, and only the encoder entries that differ from its named pretrained
     weights (with a digest to check them on load). The encoder is kept whole when its weights were
     random or a local file."""
-    from datasets import state_dict_digest
     config = ckpt['config']
     cast = half_state_dict if fp16 else dict
     out = {'format': ckpt.get('format', 1), 'config': config, 'word_map': ckpt['word_map'],
-           'decoder': cast(ckpt.get('decoder_ema') or ckpt['decoder']), 'epoch': ckpt.get('epoch'),
+           'decoder': cast(selected_decoder_state(ckpt)), 'epoch': ckpt.get('epoch'),
            'best_score': ckpt.get('best_score'),
            # numbers only: sample captions quote the dataset's references, which must not ship
            'val_metrics': {k: v for k, v in (ckpt.get('val_metrics') or {}).items() if k != 'samples'}}

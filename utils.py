@@ -5,6 +5,7 @@ Nothing here does work at import time.
 """
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import random
@@ -128,6 +129,16 @@ def half_state_dict(state_dict):
 
 def float_state_dict(state_dict):
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def state_dict_digest(module):
+    """Short hash of a module's weights (names a feature cache after the exact encoder; checks the
+    pretrained encoder an exported checkpoint expects)."""
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------------------------
