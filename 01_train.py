@@ -25,11 +25,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoint
 import datasets
 import utils
 from caption import beam_search, words_of
+from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
+from decoders import DECODERS, caption_loss
 from metrics import NltkBleu
-from models import ENCODERS, build_models, caption_loss, encoder_weights_for, restore_encoder, selected_decoder_state
+from models import DECODER_SETTINGS, ENCODERS, build_models, default_grid
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -41,17 +44,22 @@ ENCODER_WEIGHTS = 'imagenet'    # imagenet | none (random) | path to a state_dic
 IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224)
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
                                 # efficientnet_lite0 its native IMAGE_SIZE / 32)
-EMB_DIM = 512                   # word embedding size
-ATTENTION_DIM = 512             # attention MLP size
-DECODER_DIM = 512               # LSTM hidden size
-DROPOUT = 0.5
+DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm
+# Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
+# alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256)
+EMB_DIM = None                  # word embedding size (repeat_bilstm: its image layer)
+ATTENTION_DIM = None            # attention size (sat, dot_attention)
+DECODER_DIM = None              # LSTM hidden size
+NUM_LAYERS = None               # LSTM layers (show_tell, repeat_bilstm)
+DROPOUT = None
+ALPHA_C = None                  # weight of the doubly stochastic attention penalty (sat, dot_attention)
+ATTENTION_RELU = None           # dot_attention: ReLU on the scores before the softmax, as seed 001
 EPOCHS = 20                     # at most; early stopping may end sooner
 BATCH_SIZE = 32                 # captions per step (per process), rounded down to whole images
 WORKERS = 2                     # DataLoader worker processes
 DECODER_LR = 4e-4
 ENCODER_LR = 1e-4               # used when fine-tuning the encoder
 GRAD_CLIP = 5.0                 # clip gradient values to [-GRAD_CLIP, GRAD_CLIP] (0 = off)
-ALPHA_C = 1.0                   # weight of the doubly stochastic attention penalty
 LABEL_SMOOTHING = 0.0
 EMA_DECAY = 0.0                 # keep an exponential moving average of the decoder's weights (e.g. 0.999;
                                 # 0 = off); validation, BEST and inference then use the average
@@ -78,7 +86,8 @@ INIT_FROM = ''                  # checkpoint whose weights start a new run (e.g.
 RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps', 'device', 'out_dir',
                       'data_folder', 'resume', 'early_stop'}
 # Model-shape settings that --init-from takes from its checkpoint.
-MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'emb_dim', 'attention_dim', 'decoder_dim')
+MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'decoder', 'decoder_args')
+
 
 
 def make_parser(suppress=False):
@@ -86,6 +95,10 @@ def make_parser(suppress=False):
                                 argument_default=argparse.SUPPRESS if suppress else None)
 
     def add(name, default, help, **kw):
+        if default is None:               # a decoder setting: None leaves the decoder's default
+            help += " (default: the decoder's)"
+            p.add_argument(name, help=help, default=None if not suppress else argparse.SUPPRESS, **kw)
+            return
         if isinstance(default, bool):
             kw['action'] = argparse.BooleanOptionalAction
         elif 'type' not in kw:
@@ -102,10 +115,15 @@ def make_parser(suppress=False):
     add('--encoder-weights', ENCODER_WEIGHTS, 'imagenet, none, or a state_dict file')
     add('--image-size', IMAGE_SIZE, 'encoder input side (0 = the encoder default)')
     add('--encoded-image-size', ENCODED_IMAGE_SIZE, 'attention grid side (0 = the encoder default)')
-    add('--emb-dim', EMB_DIM, 'word embedding size')
-    add('--attention-dim', ATTENTION_DIM, 'attention size')
-    add('--decoder-dim', DECODER_DIM, 'LSTM size')
-    add('--dropout', DROPOUT, 'dropout before the output layer')
+    add('--decoder', DECODER, ', '.join(DECODERS), choices=list(DECODERS))
+    add('--emb-dim', EMB_DIM, 'word embedding size', type=int)
+    add('--attention-dim', ATTENTION_DIM, 'attention size', type=int)
+    add('--decoder-dim', DECODER_DIM, 'LSTM size', type=int)
+    add('--num-layers', NUM_LAYERS, 'LSTM layers (show_tell, repeat_bilstm)', type=int)
+    add('--dropout', DROPOUT, 'dropout before the output layer', type=float)
+    add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight', type=float)
+    add('--attention-relu', ATTENTION_RELU, 'dot_attention: ReLU before the softmax',
+        action=argparse.BooleanOptionalAction)
     add('--epochs', EPOCHS, 'maximum epochs')
     add('--batch-size', BATCH_SIZE, 'captions per step per process (whole images: rounded down to a multiple '
         'of captions per image); the global batch is this times the number of processes')
@@ -113,7 +131,6 @@ def make_parser(suppress=False):
     add('--decoder-lr', DECODER_LR, 'decoder learning rate')
     add('--encoder-lr', ENCODER_LR, 'encoder learning rate when fine-tuning')
     add('--grad-clip', GRAD_CLIP, 'clip gradient values (0 = off)')
-    add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight')
     add('--label-smoothing', LABEL_SMOOTHING, 'label smoothing of the cross-entropy')
     add('--ema-decay', EMA_DECAY, 'per-step decay of a moving average of the decoder weights (0 = off)')
     add('--lr-patience', LR_PATIENCE, 'epochs without improvement before the learning rate is cut')
@@ -145,23 +162,29 @@ def resolve_config(argv, device):
     given = vars(make_parser(suppress=True).parse_args(argv))
     resume_ckpt = init_ckpt = None
     if config['resume']:
-        resume_ckpt = utils.load_checkpoint(config['resume'])
+        resume_ckpt = checkpoint.load(config['resume'])
         saved = resume_ckpt['config']
         for key, value in given.items():
             if key not in RESUME_OVERRIDABLE and key in saved and saved[key] != value:
                 raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '
                                  'a resumed run keeps its settings (use --init-from to start a new run from it)')
         config = {**saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}}
+        config['max_steps'] = given.get('max_steps', 0)   # a limit for one session, not for every resume
         if 'out_dir' not in given:   # continue next to the checkpoint, wherever the run folder is now
             config['out_dir'] = os.path.dirname(os.path.abspath(config['resume']))
         return config, resume_ckpt, None
     if config['init_from']:
-        init_ckpt = utils.load_checkpoint(config['init_from'])
+        init_ckpt = checkpoint.load(config['init_from'])
+        saved_config = init_ckpt['config']
         for key in MODEL_KEYS:
-            saved = init_ckpt['config'][key]
+            saved = saved_config[key]
             if key in given and given[key] != saved:
                 raise SystemExit(f'--{key.replace("_", "-")} {given[key]} differs from --init-from ({saved})')
             config[key] = saved
+        for key in DECODER_SETTINGS:   # the decoder's shape comes from the checkpoint
+            if given.get(key) is not None and given[key] != saved_config['decoder_args'].get(key):
+                raise SystemExit(f"--{key.replace('_', '-')} {given[key]} differs from --init-from "
+                                 f"({saved_config['decoder_args'].get(key)})")
         config['data_name'] = config['data_name'] or init_ckpt['config']['data_name']
     if config['encoder'] == 'auto':
         config['encoder'] = 'resnet101' if device.type == 'cuda' else 'efficientnet_lite0'
@@ -169,7 +192,7 @@ def resolve_config(argv, device):
     if spec is None:
         raise SystemExit(f"unknown --encoder {config['encoder']!r}; choose from auto, {', '.join(ENCODERS)}")
     config['image_size'] = config['image_size'] or spec.image_size
-    config['encoded_image_size'] = config['encoded_image_size'] or spec.grid or max(1, config['image_size'] // 32)
+    config['encoded_image_size'] = config['encoded_image_size'] or default_grid(config['encoder'], config['image_size'])
     config['data_name'] = config['data_name'] or utils.find_data_name(config['data_folder'])
     if not config['out_dir']:
         suffix = '_finetune' if config['fine_tune_encoder'] else ''
@@ -268,7 +291,9 @@ class Trainer:
         # Models
         ckpt = resume_ckpt or init_ckpt
         weights = encoder_weights_for(ckpt) if ckpt else config['encoder_weights']
-        encoder, decoder = build_models(config, len(self.word_map), weights)
+        encoder, decoder = build_models(config, len(self.word_map), weights, self._data_limits(folder, name))
+        config['decoder_args'] = decoder.args()
+        config.update({k: config['decoder_args'].get(k) for k in DECODER_SETTINGS})   # what the run uses
         if ckpt:
             restore_encoder(encoder, ckpt)
             # a resumed run continues its raw weights; a new run starts from the selected ones (the average)
@@ -357,6 +382,14 @@ class Trainer:
         self.best_path = os.path.join(self.out_dir, f'BEST_checkpoint_{name}.pt')
         self.steps_this_run = 0
 
+    @staticmethod
+    def _data_limits(folder, name):
+        """What a new decoder may need to know of the data: the positions a caption takes
+        (words + <end>; the non-autoregressive repeat_bilstm sizes itself by it)."""
+        lengths = [n for split in ('TRAIN', 'VAL')
+                   for n in utils.read_json(os.path.join(folder, f'{split}_CAPLENS_{name}.json'), 'caption lengths file')]
+        return {'max_len': max(lengths) - 1}
+
     def _feature_caches(self, transform):
         """Build (on the main process) or find the fp16 feature caches of TRAIN and VAL."""
         caches = {}
@@ -376,7 +409,7 @@ class Trainer:
     def save(self, path, val_metrics=None):
         if self.main:
             utils.save_checkpoint(path, {
-                'format': utils.CHECKPOINT_FORMAT, 'config': self.config, 'word_map': self.word_map,
+                'format': checkpoint.FORMAT, 'config': self.config, 'word_map': self.word_map,
                 'encoder': self.encoder.state_dict(), 'decoder': self.decoder.state_dict(),
                 'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
                 'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -387,7 +420,7 @@ class Trainer:
     def run(self):
         config, state = self.config, self.state
         self.log(f"training {self.encoder.name} ({'cached features' if self.use_cache else 'images'}, "
-                 f"{'fine-tuned' if self.fine_tuning else 'frozen'}) + attention decoder on {config['data_name']}: "
+                 f"{'fine-tuned' if self.fine_tuning else 'frozen'}) + {config['decoder']} decoder on {config['data_name']}: "
                  f"{self.train_set.num_images} images x {self.cpi} captions, {self.images_per_batch * self.cpi} "
                  f"captions per step{f' x {self.world} processes' if self.world > 1 else ''}, device "
                  f"{self.device}; run folder {self.out_dir}")
@@ -463,7 +496,7 @@ class Trainer:
         # processes then gives exactly the gradient of the whole global batch.
         counts = utils.all_reduce_sum(torch.tensor([out.targets.numel(), b * cpi], dtype=torch.float64,
                                                    device=device)).tolist()
-        loss = caption_loss(out, config['alpha_c'], config['label_smoothing'],
+        loss = caption_loss(out, config['label_smoothing'],
                             num_tokens=counts[0] / world, num_captions=counts[1] / world)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -540,7 +573,7 @@ class Trainer:
             enc = self.encode(self.encoder, x)
             out = decoder(enc, caps.to(device).view(b * cpi, -1), caplens.to(device).view(-1),
                           torch.arange(b, device=device).repeat_interleave(cpi))
-            tf_loss.update(caption_loss(out, self.config['alpha_c']).item(), out.targets.numel())
+            tf_loss.update(caption_loss(out).item(), out.targets.numel())
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
             for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
                 res[i] = [' '.join(words_of(hyp['tokens'], rev))]

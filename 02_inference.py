@@ -87,7 +87,10 @@ def main(argv=None):
             writer = csv.DictWriter(f, fieldnames=['image', 'caption', 'score', 'finished'])
             writer.writeheader()
             writer.writerows(rows)
-    if args.visualize:
+    if args.visualize and not decoder.has_attention:
+        print(f"note: --visualize draws attention maps, and the {config['decoder']} decoder has no attention: "
+              'no figures written')
+    elif args.visualize:
         used = set()
         for path, res in zip(paths, results):
             if res is not None:
@@ -99,7 +102,7 @@ def main(argv=None):
         print(f'warning: skipped {path}: {err}', file=sys.stderr)
     print(f"\n{len(rows)} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
           f"checkpoint {args.checkpoint}); {len(failures)} skipped. Outputs: {os.path.abspath(args.out)}"
-          f"{' (captions.json, captions.csv, *_attention.png)' if args.visualize else ' (captions.json, captions.csv)'}")
+          f"{' (captions.json, captions.csv, *_attention.png)' if args.visualize and decoder.has_attention else ' (captions.json, captions.csv)'}")
     return 0
 
 

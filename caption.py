@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from models import models_from_checkpoint
-from utils import atomic_path, load_checkpoint
+import checkpoint
+from utils import atomic_path
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
@@ -20,7 +20,8 @@ DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Fli
 @torch.inference_mode()
 def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_norm=0.0,
                 no_repeat_ngram_size=0, min_len=0, allow_unk=False):
-    """Beam search for a batch of images at once (images x beams in one batch).
+    """Beam search for a batch of images at once (images x beams in one batch), for any decoder of
+    decoders.py (it only calls prepare / init_state / step / select / select_memory).
 
     encoder_out: [B, g, g, C] or [B, P, C]. beam_size 1 is greedy decoding. A hypothesis that emits
     <end> is set aside; an image is done once it has `beam_size` finished hypotheses. The best one
@@ -31,20 +32,21 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
     Returns one dict per image: 'tokens' (word ids, without <start>/<end>), 'score' (summed log
     probability), 'norm_score', 'finished' (bool), 'alphas' ([len(tokens) (+1 with <end>), P] float
-    tensor: the attention behind each emitted token) and 'steps' (decoding steps the image took).
+    tensor: the attention behind each emitted token; None for decoders without attention), 'steps'
+    (decoding steps the image took) and 'beams' (the finished hypotheses, best first, at most
+    beam_size: dicts with 'tokens', 'score', 'norm_score').
     """
     B = encoder_out.size(0)
     enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
     P, V, k = enc.size(1), decoder.vocab_size, beam_size
     start, end = word_map['<start>'], word_map['<end>']
     device = enc.device
+    attention = decoder.has_attention
     banned = torch.zeros(V, device=device)                                    # added to every step's scores
     banned[[word_map[w] for w in ('<start>', '<pad>') + (() if allow_unk else ('<unk>',)) if w in word_map]] = float('-inf')
 
-    h, c = decoder.init_hidden_state(enc)                                     # [B, D]
-    att1 = decoder.attention.encoder_att(enc)                                 # [B, P, A], once per image
-    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)       # [B*k, D]: row = image*k + beam
-    workspace = att1.new_empty(B * k * att1.size(1) * att1.size(2))          # attention's [B, k, P, A], reused
+    memory = decoder.prepare(enc, k)                                          # per image, once
+    state = decoder.init_state(memory, k)                                     # [B*k, ...]: row = image*k + beam
     ids = list(range(B))                                                      # images still searching
     scores = torch.full((B, k), float('-inf'), device=device)
     scores[:, 0] = 0.0                                                        # only one beam alive at first
@@ -56,8 +58,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
     for t in range(max_len):
         n_img = len(ids)
-        h, c, alpha = decoder.step(decoder.embedding(prev), h, c, enc, att1, workspace)
-        logp = F.log_softmax(decoder.fc(h), dim=1) + banned                   # [N, V]
+        logp, state, alpha = decoder.step(prev, state, memory)               # [N, V], state, [N, P] | None
+        logp = logp + banned
         if t < min_len:
             logp[:, end] = float('-inf')
         if no_repeat_ngram_size:
@@ -75,8 +77,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
             for i, r in ended:
                 row = i * k + top_beam_l[i][r]
                 score = top_scores_l[i][r]
-                alphas = torch.cat([alpha_hist[row], alpha[row:row + 1]])     # [t + 1, P]
-                finished[ids[i]].append((score / (t + 1) ** length_norm, score, seqs[row].tolist(), alphas.cpu()))
+                alphas = torch.cat([alpha_hist[row], alpha[row:row + 1]]).cpu() if attention else None  # [t+1, P]
+                finished[ids[i]].append((score / (t + 1) ** length_norm, score, seqs[row].tolist(), alphas))
 
         # The k best candidates that do not end continue.
         cont_scores, pos = top_scores.masked_fill(is_end, float('-inf')).topk(k, dim=1)   # [n, k]
@@ -84,8 +86,9 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
         rows = (torch.arange(n_img, device=device).unsqueeze(1) * k + beams).view(-1)       # [n*k]
         prev = top_tok.gather(1, pos).view(-1)
         seqs = torch.cat([seqs[rows], prev.unsqueeze(1)], dim=1)
-        alpha_hist = torch.cat([alpha_hist[rows], alpha[rows].unsqueeze(1)], dim=1)
-        h, c, scores = h[rows], c[rows], cont_scores
+        if attention:
+            alpha_hist = torch.cat([alpha_hist[rows], alpha[rows].unsqueeze(1)], dim=1)
+        state, scores = decoder.select(state, rows), cont_scores
 
         # Images with k finished hypotheses (or, without length normalisation, whose best finished
         # hypothesis can no longer be beaten: scores only fall) are done: drop their rows.
@@ -103,22 +106,28 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
             keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
             ids = [b for b, d in zip(ids, done) if not d]
-            scores, enc, att1 = scores[keep], enc[keep], att1[keep]
-            h, c = h[keep_rows], c[keep_rows]
-            prev, seqs, alpha_hist = prev[keep_rows], seqs[keep_rows], alpha_hist[keep_rows]
+            scores, memory = scores[keep], decoder.select_memory(memory, keep)
+            state = decoder.select(state, keep_rows)
+            prev, seqs = prev[keep_rows], seqs[keep_rows]
+            if attention:
+                alpha_hist = alpha_hist[keep_rows]
 
     results = []
     for b in range(B):
-        if finished[b]:
-            norm, score, tokens, alphas = max(finished[b], key=lambda f: f[0])
+        ranked = sorted(finished[b], key=lambda f: f[0], reverse=True)
+        beams = [{'tokens': tokens, 'score': score, 'norm_score': norm} for norm, score, tokens, _ in ranked[:k]]
+        if ranked:
+            norm, score, tokens, alphas = ranked[0]
             results.append({'tokens': tokens, 'score': score, 'norm_score': norm, 'finished': True, 'alphas': alphas,
-                            'steps': steps[b]})
+                            'steps': steps[b], 'beams': beams})
         else:  # nothing ended within max_len: the best unfinished hypothesis
             i = ids.index(b)
             score = float(scores[i, 0])
-            results.append({'tokens': seqs[i * k].tolist(), 'score': score,
-                            'norm_score': score / max_len ** length_norm, 'finished': False,
-                            'alphas': alpha_hist[i * k].cpu(), 'steps': max_len})
+            tokens = seqs[i * k].tolist()
+            results.append({'tokens': tokens, 'score': score, 'norm_score': score / max_len ** length_norm,
+                            'finished': False, 'alphas': alpha_hist[i * k].cpu() if attention else None,
+                            'steps': max_len,
+                            'beams': [{'tokens': tokens, 'score': score, 'norm_score': score / max_len ** length_norm}]})
     return results
 
 
@@ -176,8 +185,8 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
 
 def load_captioner(checkpoint_path, device):
     """-> (encoder, decoder, word_map, config) ready for captioning on `device`."""
-    ckpt = load_checkpoint(checkpoint_path)
-    encoder, decoder = models_from_checkpoint(ckpt, device)
+    ckpt = checkpoint.load(checkpoint_path)
+    encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
     return encoder, decoder, ckpt['word_map'], ckpt['config']
 
 

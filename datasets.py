@@ -241,12 +241,14 @@ class ImageTransform:
     `size`, `mean` and `std` come from the encoder's weights (models.Encoder.transform_config()).
     """
 
-    def __init__(self, size, mean, std):
-        self.size, self.mean, self.std = int(size), list(mean), list(std)
+    def __init__(self, size, mean, std, crop=False):
+        self.size, self.mean, self.std, self.crop = int(size), list(mean), list(std), crop
 
     def __call__(self, img):
         if isinstance(img, Image.Image):
-            if img.size != (self.size, self.size):
+            if self.crop and img.size != (self.size, self.size):   # shorter side to size, centre crop (antialiased)
+                img = ImageOps.fit(img, (self.size, self.size), Image.BICUBIC)
+            elif img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.BILINEAR)
             img = TF.pil_to_tensor(img)                                   # uint8 [3, S, S]
         elif img.shape[-2:] != (self.size, self.size):
@@ -254,7 +256,7 @@ class ImageTransform:
         return TF.normalize(img.float().div_(255.0), self.mean, self.std)
 
     def __repr__(self):
-        return f'ImageTransform(size={self.size}, mean={self.mean}, std={self.std})'
+        return f'ImageTransform(size={self.size}, mean={self.mean}, std={self.std}, crop={self.crop})'
 
 
 def list_images(path):

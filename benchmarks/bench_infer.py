@@ -1,6 +1,7 @@
 """Inference throughput: encoder and beam search per batch size and beam size, medians of repeats.
 
-    python benchmarks/bench_infer.py                              # random ResNet101 model, the sample photos
+    python benchmarks/bench_infer.py                              # random ResNet101 + sat model, the sample photos
+    python benchmarks/bench_infer.py --decoder show_tell          # a random model with another decoder
     python benchmarks/bench_infer.py --checkpoint checkpoints/flickr8k_efficientnet_lite0_fp16.pt
     python benchmarks/bench_infer.py --images DIR --batch-sizes 1 32 --beam-sizes 1 3 5 --tutorial --json
 
@@ -24,6 +25,7 @@ sys.path.insert(0, HERE)
 
 import caption  # noqa: E402
 import datasets  # noqa: E402
+import decoders  # noqa: E402
 import models  # noqa: E402
 from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_beam_search  # noqa: E402
@@ -34,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', default='', help='trained checkpoint (default: a random model)')
     p.add_argument('--encoder', default='resnet101', help='random model: encoder')
     p.add_argument('--vocab-size', type=int, default=2631, help='random model: vocabulary')
+    p.add_argument('--decoder', default='sat', choices=list(decoders.DECODERS),
+                   help='random model: decoder, with its default sizes (a checkpoint names its own)')
     p.add_argument('--images', default=os.path.join(os.path.dirname(HERE), 'assets', 'samples'),
                    help='image folder (cycled to fill a batch)')
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
@@ -64,13 +68,13 @@ def median_time(fn, repeats, device):
 def load_model(args, device):
     if args.checkpoint:
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
-        return encoder, decoder, word_map, os.path.basename(args.checkpoint)
+        return encoder, decoder, word_map, f"{os.path.basename(args.checkpoint)} ({config['decoder']})"
     torch.manual_seed(0)
     encoder = models.Encoder(args.encoder, 'none')
-    decoder = models.DecoderWithAttention(512, 512, 512, args.vocab_size, encoder.encoder_dim, 0.5)
+    decoder = decoders.build_decoder(args.decoder, args.vocab_size, encoder.encoder_dim)
     word_map = {f'w{i}': i for i in range(args.vocab_size - 3)}
     word_map.update({'<start>': args.vocab_size - 3, '<end>': args.vocab_size - 2, '<unk>': args.vocab_size - 1})
-    return encoder.to(device).eval(), decoder.to(device).eval(), word_map, f'random {args.encoder}'
+    return encoder.to(device).eval(), decoder.to(device).eval(), word_map, f'random {args.encoder} + {args.decoder}'
 
 
 @torch.inference_mode()
@@ -98,7 +102,10 @@ def main(argv=None):
                          'decode_ms_per_image_step': round(beam_s / steps * 1000, 3),
                          'images_per_s': round(B / (enc_s + beam_s), 2),
                          'beam_over_encoder': round(beam_s / enc_s, 3)})
-    if args.tutorial:
+    if args.tutorial and not isinstance(decoder, decoders.ShowAttendTell):
+        print('note: --tutorial times the tutorial\'s beam search, which needs the sat decoder: skipped',
+              file=sys.stderr)
+    elif args.tutorial:
         enc1 = encoder(torch.stack(pool[:1]).to(device))
         for k in args.beam_sizes:
             tut_s, (_, steps) = median_time(lambda: tutorial_beam_search(decoder, enc1, word_map, k, args.max_len),

@@ -1,13 +1,15 @@
 """Training throughput: captions/s of the optimisation step, median of several timed windows.
 
     python benchmarks/bench_train.py --synthetic-features              # decoder only, tutorial's Flickr8k setting
+    python benchmarks/bench_train.py --synthetic-features --decoder show_tell   # any decoder of the registry
     python benchmarks/bench_train.py --synthetic-features --tutorial   # the same, the tutorial's way
     python benchmarks/bench_train.py --data-folder DIR --source cache  # 01_train.py's step from the feature cache
     python benchmarks/bench_train.py --data-folder DIR --source images # ... encoder on images, once per image
     python benchmarks/bench_train.py --data-folder DIR --source images --tutorial   # encoder once per caption
 
 --synthetic-features: random 14x14x2048 features (frozen ResNet101's shape), a 2,631-word
-vocabulary and Flickr8k-like caption lengths, batch 32, dims 512/512/512: no data or cache needed.
+vocabulary and Flickr8k-like caption lengths, batch 32, dims 512/512/512 (--dim; for the decoders
+that have them: emb_dim, attention_dim, decoder_dim): no data or cache needed.
 Without it, the prepared dataset in --data-folder (default: the synthetic set, built on first use
 under benchmarks/.data) is trained through 01_train.py's own Trainer.train_step. --tutorial runs
 benchmarks/tutorial_reference.py: attention projection recomputed every step, padded outputs, and
@@ -26,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+import decoders  # noqa: E402
 import models  # noqa: E402
 from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_loss  # noqa: E402
@@ -36,7 +39,8 @@ FLICKR8K_WORDS_MEAN, FLICKR8K_WORDS_SD = 11.8, 3.8     # caption length in words
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--synthetic-features', action='store_true', help='decoder from random features')
-    p.add_argument('--tutorial', action='store_true', help='the tutorial formulation (the "before")')
+    p.add_argument('--tutorial', action='store_true', help='the tutorial formulation (the "before"; decoder sat)')
+    p.add_argument('--decoder', default='sat', choices=list(decoders.DECODERS), help='(default: %(default)s)')
     p.add_argument('--data-folder', default='', help='prepared dataset (default: synthetic set under benchmarks/.data)')
     p.add_argument('--data-name', default='')
     p.add_argument('--source', choices=('cache', 'images'), default='cache', help='features from the cache or images')
@@ -78,7 +82,7 @@ def timed(step, n_captions, args, device):
 def synthetic_features_bench(args, device):
     g = torch.Generator().manual_seed(0)
     V, B = args.vocab_size, args.batch_size
-    decoder = models.DecoderWithAttention(args.dim, args.dim, args.dim, V, 2048, 0.5).to(device)
+    decoder = decoders.build_decoder(args.decoder, V, 2048, dropout=0.5, **dims(args)).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=device.type in ('cpu', 'cuda'))  # as 01_train
     batches = []
     for _ in range(8):
@@ -97,13 +101,19 @@ def synthetic_features_bench(args, device):
         if args.tutorial:
             loss = tutorial_loss(decoder, feats, caps, lengths)
         else:
-            loss = models.caption_loss(decoder(feats, caps, lengths))
+            loss = decoders.caption_loss(decoder(feats, caps, lengths))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_value_(decoder.parameters(), 5.0)
         optimizer.step()
         return B
     return timed(step, B, args, device), {'mode': 'synthetic-features', 'vocab_size': V, 'grid': '14x14x2048'}
+
+
+def dims(args):
+    """--dim for each size setting the chosen decoder has."""
+    fields = decoders.decoder_fields(args.decoder)
+    return {k: args.dim for k in ('emb_dim', 'attention_dim', 'decoder_dim') if k in fields}
 
 
 def ensure_synthetic_data():
@@ -119,7 +129,7 @@ def dataset_bench(args, device):
     train = importlib.import_module('01_train')
     argv = ['--data-folder', folder, '--encoder', args.encoder, '--encoder-weights', args.encoder_weights,
             '--batch-size', str(args.batch_size), '--workers', str(args.workers), '--device', args.device,
-            '--emb-dim', str(args.dim), '--attention-dim', str(args.dim), '--decoder-dim', str(args.dim),
+            '--decoder', args.decoder, *[a for k, v in dims(args).items() for a in ('--' + k.replace('_', '-'), str(v))],
             '--out-dir', os.path.join(HERE, '.data', 'bench_run'),
             '--cache-features' if args.source == 'cache' and not args.tutorial else '--no-cache-features']
     if args.data_name:
@@ -167,9 +177,12 @@ def dataset_bench(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.tutorial and args.decoder != 'sat':
+        print('error: --tutorial is the tutorial\'s Show, Attend and Tell: use it with --decoder sat', file=sys.stderr)
+        return 2
     device = setup(args.device, args.threads)
     (rate, rates), info = (synthetic_features_bench if args.synthetic_features else dataset_bench)(args, device)
-    result = {'benchmark': 'train', **info, 'tutorial_formulation': args.tutorial, 'captions_per_s': round(rate, 2),
+    result = {'benchmark': 'train', 'decoder': args.decoder, **info, 'tutorial_formulation': args.tutorial, 'captions_per_s': round(rate, 2),
               'window_captions_per_s': [round(r, 2) for r in rates], 'batch_size': args.batch_size,
               'dims': args.dim, 'peak_rss_mb': peak_rss_mb(), **environment(device)}
     report(result, args.json)

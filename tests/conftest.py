@@ -40,3 +40,34 @@ def tiny_checkpoint(synth_data, tmp_path_factory):
                                   '--batch-size', '20', *TINY_MODEL])
     assert rc == 0
     return str(out / f'BEST_checkpoint_{name}.pt')
+
+
+# Tiny sizes for every decoder in the registry (each takes the settings it has).
+TINY_DECODER = {'emb_dim': 4, 'attention_dim': 5, 'decoder_dim': 6, 'dropout': 0.0, 'max_len': 16}
+
+
+def tiny_decoder(name, vocab_size, encoder_dim, seed=0, **settings):
+    """A small random decoder of registry entry `name` in eval mode (no dropout)."""
+    import torch
+
+    import decoders
+    fields = decoders.decoder_fields(name)
+    settings = {k: v for k, v in {**TINY_DECODER, **settings}.items() if k in fields}
+    torch.manual_seed(seed)
+    return decoders.build_decoder(name, vocab_size, encoder_dim, **settings).eval()
+
+
+def train_flags(name):
+    """TINY_MODEL for 01_train.py with decoder `name` (only the settings it has)."""
+    import decoders
+    flags, fields, i = ['--decoder', name], decoders.decoder_fields(name), 0
+    while i < len(TINY_MODEL):
+        flag = TINY_MODEL[i]
+        if flag.startswith('--') and flag[2:].replace('-', '_') in ('emb_dim', 'attention_dim', 'decoder_dim'):
+            if flag[2:].replace('-', '_') in fields:
+                flags += TINY_MODEL[i:i + 2]
+            i += 2
+            continue
+        flags.append(flag)
+        i += 1
+    return flags

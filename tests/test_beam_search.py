@@ -5,18 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
+import decoders
 from caption import beam_search
+from conftest import tiny_decoder
 
 WORD_MAP = {'<pad>': 0, 'a': 1, 'b': 2, '<unk>': 3, '<start>': 4, '<end>': 5}
 V, C = len(WORD_MAP), 6
 START, END = WORD_MAP['<start>'], WORD_MAP['<end>']
+NAMES = list(decoders.DECODERS)
 
 
-def decoder(seed=0, end_bias=0.0):
-    torch.manual_seed(seed)
-    d = models.DecoderWithAttention(attention_dim=5, embed_dim=4, decoder_dim=6, vocab_size=V, encoder_dim=C,
-                                    dropout=0.0).eval()
+def decoder(seed=0, end_bias=0.0, name='sat'):
+    d = tiny_decoder(name, V, C, seed)
     with torch.no_grad():
         d.fc.weight.mul_(20)                   # peaky distributions, so the search matters
         d.fc.bias[END] += end_bias
@@ -30,13 +30,12 @@ def features(n, seed=1):
 @torch.no_grad()
 def sequence_logprob(dec, enc, tokens):
     """Summed log-probability of emitting `tokens` (a list) after <start>, step by step."""
-    enc = enc.reshape(1, -1, C)
-    h, c = dec.init_hidden_state(enc)
-    att1 = dec.attention.encoder_att(enc)
+    memory = dec.prepare(enc.reshape(1, -1, C), 1)
+    state = dec.init_state(memory, 1)
     prev, total = START, 0.0
     for tok in tokens:
-        h, c, _ = dec.step(dec.embedding(torch.tensor([prev])), h, c, enc, att1)
-        total += F.log_softmax(dec.fc(h), dim=1)[0, tok].item()
+        logp, state, _ = dec.step(torch.tensor([prev]), state, memory)
+        total += logp[0, tok].item()
         prev = tok
     return total
 
@@ -62,8 +61,9 @@ def exhaustive(dec, enc, max_len, length_norm=0.0, allow_unk=False):
 
 @pytest.mark.parametrize('length_norm, allow_unk', [(0.0, False), (1.0, False), (0.5, True)])
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_wide_beam_equals_exhaustive_search(seed, length_norm, allow_unk):
-    dec, enc, max_len = decoder(seed), features(1, seed), 3
+@pytest.mark.parametrize('name', NAMES)
+def test_wide_beam_equals_exhaustive_search(name, seed, length_norm, allow_unk):
+    dec, enc, max_len = decoder(seed, name=name), features(1, seed), 3
     norm, score, words = exhaustive(dec, enc[0], max_len, length_norm, allow_unk)
     k = V ** max_len                                    # wide enough to keep every prefix
     hyp = beam_search(dec, enc, WORD_MAP, beam_size=k, max_len=max_len, length_norm=length_norm,
@@ -73,17 +73,17 @@ def test_wide_beam_equals_exhaustive_search(seed, length_norm, allow_unk):
     assert hyp['norm_score'] == pytest.approx(norm, abs=1e-4)
 
 
-def test_greedy_is_argmax_decoding():
-    dec, enc = decoder(3), features(1, 3)
+@pytest.mark.parametrize('name', NAMES)
+def test_greedy_is_argmax_decoding(name):
+    dec, enc = decoder(3, name=name), features(1, 3)
     tokens, prev = [], START
-    e = enc.reshape(1, -1, C)
     with torch.no_grad():
-        h, c = dec.init_hidden_state(e)
-        att1 = dec.attention.encoder_att(e)
+        memory = dec.prepare(enc.reshape(1, -1, C), 1)
+        state = dec.init_state(memory, 1)
         for _ in range(20):
-            h, c, _ = dec.step(dec.embedding(torch.tensor([prev])), h, c, e, att1)
+            logp, state, _ = dec.step(torch.tensor([prev]), state, memory)
             allowed = words_allowed() + [END]
-            prev = allowed[int(dec.fc(h)[0, allowed].argmax())]
+            prev = allowed[int(logp[0, allowed].argmax())]
             if prev == END:
                 break
             tokens.append(prev)
@@ -91,38 +91,46 @@ def test_greedy_is_argmax_decoding():
 
 
 @pytest.mark.parametrize('beam_size', [1, 3, 5])
-def test_batched_equals_one_image_at_a_time(beam_size):
-    dec, enc = decoder(4, end_bias=2.0), features(7, 4)
+@pytest.mark.parametrize('name', NAMES)
+def test_batched_equals_one_image_at_a_time(name, beam_size):
+    dec, enc = decoder(4, end_bias=2.0, name=name), features(7, 4)
     together = beam_search(dec, enc, WORD_MAP, beam_size=beam_size, max_len=12)
     for i in range(len(enc)):
         alone = beam_search(dec, enc[i:i + 1], WORD_MAP, beam_size=beam_size, max_len=12)[0]
         assert together[i]['tokens'] == alone['tokens']
         assert together[i]['score'] == pytest.approx(alone['score'], abs=1e-5)
-        assert torch.allclose(together[i]['alphas'], alone['alphas'], atol=1e-5)
+        assert [b['tokens'] for b in together[i]['beams']] == [b['tokens'] for b in alone['beams']]
+        if dec.has_attention:
+            assert torch.allclose(together[i]['alphas'], alone['alphas'], atol=1e-5)
+        else:
+            assert together[i]['alphas'] is None
 
 
 @pytest.mark.parametrize('beam_size', [1, 3])
-def test_never_ending_model_still_returns_a_caption(beam_size):
-    dec, enc = decoder(5, end_bias=float('-inf')), features(2, 5)      # <end> has probability 0
+@pytest.mark.parametrize('name', NAMES)
+def test_never_ending_model_still_returns_a_caption(name, beam_size):
+    dec, enc = decoder(5, end_bias=float('-inf'), name=name), features(2, 5)      # <end> has probability 0
     hyps = beam_search(dec, enc, WORD_MAP, beam_size=beam_size, max_len=7)
     for hyp in hyps:
         assert not hyp['finished'] and len(hyp['tokens']) == 7
-        assert hyp['alphas'].shape == (7, 4)
+        assert hyp['alphas'].shape == (7, 4) if dec.has_attention else hyp['alphas'] is None
         assert hyp['score'] == pytest.approx(sequence_logprob(dec, enc[hyps.index(hyp)], hyp['tokens']), abs=1e-4)
 
 
-def test_alphas_are_attention_distributions_per_token():
-    dec, enc = decoder(6, end_bias=1.0), features(3, 6)
+@pytest.mark.parametrize('name', [n for n in NAMES if decoders.DECODERS[n].has_attention])
+def test_alphas_are_attention_distributions_per_token(name):
+    dec, enc = decoder(6, end_bias=1.0, name=name), features(3, 6)
     for hyp in beam_search(dec, enc, WORD_MAP, beam_size=3, max_len=10):
         assert hyp['alphas'].shape == (len(hyp['tokens']) + hyp['finished'], 4)
         assert torch.allclose(hyp['alphas'].sum(1), torch.ones(len(hyp['alphas'])), atol=1e-5)
 
 
-def test_min_len_and_no_repeat_ngram():
-    dec, enc = decoder(7, end_bias=3.0), features(4, 7)
+@pytest.mark.parametrize('name', NAMES)
+def test_min_len_and_no_repeat_ngram(name):
+    dec, enc = decoder(7, end_bias=3.0, name=name), features(4, 7)
     for hyp in beam_search(dec, enc, WORD_MAP, beam_size=3, max_len=15, min_len=4):
         assert len(hyp['tokens']) >= 4
-    dec = decoder(8, end_bias=float('-inf'))
+    dec = decoder(8, end_bias=float('-inf'), name=name)
     for n, max_len in ((1, 3), (2, 8), (3, 12)):   # 3 words (a, b, <unk>): short enough to avoid repeats
         for hyp in beam_search(dec, enc, WORD_MAP, beam_size=2, max_len=max_len, no_repeat_ngram_size=n,
                                allow_unk=True):

@@ -43,3 +43,14 @@ def test_bench_infer_reports_decode_cost(tmp_path):
 def test_bench_prep_runs(tmp_path):
     r = bench('bench_prep.py', '--synthetic-images', '40', '--runs', '1', '--hdf5', '--image-size', '32')
     assert r['images'] == 40 and r['captions'] == 200 and r['seconds'] > 0 and r['wall_seconds'] > 0
+
+
+def test_benchmarks_take_every_decoder():
+    import decoders
+    for name in decoders.DECODERS:
+        r = bench('bench_train.py', '--synthetic-features', '--decoder', name, '--dim', '16', '--vocab-size', '40',
+                  '--batch-size', '4', '--warmup', '1', '--steps', '1', '--windows', '1')
+        assert r['decoder'] == name and r['captions_per_s'] > 0
+        r = bench('bench_infer.py', '--encoder', 'resnet18', '--decoder', name, '--vocab-size', '30',
+                  '--batch-sizes', '2', '--beam-sizes', '2', '--max-len', '3', '--repeats', '1')
+        assert name in r['model'] and r['results'][0]['decode_steps'] >= 1

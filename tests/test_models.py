@@ -1,4 +1,5 @@
-"""models.py: the decoder's packed training forward, the encoder's freezing rules, checkpoints."""
+"""models.py / checkpoint.py: the SAT decoder's packed training forward against the tutorial, the
+encoders' registry and freezing rules, checkpoints."""
 import os
 import sys
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checkpoint
 import models
 import utils
 from conftest import REPO
@@ -17,10 +19,10 @@ from tutorial_reference import tutorial_loss  # noqa: E402
 V, P, C = 12, 4, 8          # vocabulary, attention grid pixels, encoder channels
 
 
-def tiny_decoder(dropout=0.0, seed=0):
+def tiny_decoder(dropout=0.0, seed=0, alpha_c=1.0):
     torch.manual_seed(seed)
     return models.DecoderWithAttention(attention_dim=6, embed_dim=5, decoder_dim=7, vocab_size=V, encoder_dim=C,
-                                       dropout=dropout)
+                                       dropout=dropout, alpha_c=alpha_c)
 
 
 def random_batch(n=5, L=9, seed=1):
@@ -36,10 +38,10 @@ def random_batch(n=5, L=9, seed=1):
 
 
 def test_packed_loss_equals_the_tutorial_formulation():
-    decoder = tiny_decoder()
+    decoder = tiny_decoder(alpha_c=0.7)
     enc, caps, lengths = random_batch()
     out = decoder(enc, caps, lengths)
-    ours = models.caption_loss(out, alpha_c=0.7)
+    ours = models.caption_loss(out)
     ref = tutorial_loss(decoder, enc, caps, lengths, alpha_c=0.7)   # attention recomputed per step, padded
     assert torch.allclose(ours, ref, atol=1e-6), (ours, ref)
     assert out.scores.shape == (int((lengths - 1).sum()), V)
@@ -155,7 +157,7 @@ def test_efficientnet_lite0_encoder_offline_weights():
 
 def test_unknown_encoder_and_missing_weights_file():
     with pytest.raises(ValueError, match='unknown encoder'):
-        models.Encoder('vgg19', 'none')
+        models.Encoder('vgg99', 'none')
     with pytest.raises(FileNotFoundError):
         models.Encoder('resnet18', '/nonexistent/weights.pth')
 
@@ -181,7 +183,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     utils.save_checkpoint(tmp_path / 'c.pt', {'config': config, 'word_map': word_map,
                                               'encoder': encoder.state_dict(), 'decoder': decoder.state_dict()})
     raw = torch.load(tmp_path / 'c.pt', weights_only=True)       # no pickled code needed
-    enc2, dec2 = models.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'c.pt')))
+    enc2, dec2 = checkpoint.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'c.pt')))
     assert raw['config'] == config
     encoder.eval()
     decoder.eval()
@@ -210,16 +212,51 @@ def test_export_keeps_only_the_encoder_delta_and_checks_it(tmp_path):
     word_map = {f'w{i}': i for i in range(V)}
     ckpt = {'config': config, 'word_map': word_map, 'encoder': encoder.state_dict(),
             'decoder': decoder.state_dict(), 'optimizer': {'state': {}}, 'epoch': 3, 'best_score': 0.5}
-    out = models.export_checkpoint(ckpt)
+    out = checkpoint.export(ckpt)
     assert out['encoder'] is None and list(out['encoder_delta']) == ['backbone.net._conv_head.weight']
     assert 'optimizer' not in out and all(v.dtype == torch.float16 for v in out['decoder'].values())
     utils.save_checkpoint(tmp_path / 'e.pt', out)
-    enc2, dec2 = models.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'e.pt')))
+    enc2, dec2 = checkpoint.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'e.pt')))
     for k, v in encoder.state_dict().items():
         assert torch.allclose(enc2.state_dict()[k].float(), v.float(), atol=1e-2 * float(v.abs().max()) + 1e-6), k
     tampered = dict(out, encoder_delta={'backbone.net._conv_head.weight':
                                         out['encoder_delta']['backbone.net._conv_head.weight'] * 2})
     with pytest.raises(ValueError, match='digest mismatch'):
-        models.models_from_checkpoint(tampered)
-    whole = models.export_checkpoint(dict(ckpt, config=dict(config, encoder_weights='none')))
+        checkpoint.models_from_checkpoint(tampered)
+    whole = checkpoint.export(dict(ckpt, config=dict(config, encoder_weights='none')))
     assert whole['encoder'] is not None and 'encoder_delta' not in whole
+
+
+def test_vgg19_encoder_random_and_local_weights(tmp_path):
+    """Seed 001's encoder: VGG19-BN without the last max-pool (a 1/16 map: 14 x 14 x 512 at 224 px),
+    torchvision's parameter names (its state_dict file loads), centre-cropped input."""
+    import torchvision
+    torch.manual_seed(0)
+    enc = models.Encoder('vgg19', 'none', image_size=64)
+    assert (enc.encoder_dim, enc.encoded_image_size) == (512, 4)
+    assert enc.features(torch.randn(1, 3, 64, 64)).shape == (1, 512, 4, 4)
+    assert enc.transform_config()['crop'] is True
+    assert models.default_grid('vgg19', 224) == 14
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.fine_tune(True)                                     # from the last conv block (features.40) on
+    trained = [n for n, p in enc.backbone.named_parameters() if p.requires_grad]
+    assert trained[0].startswith('features.40.') and 'features.39' not in ' '.join(trained)
+    with pytest.raises(ValueError, match='features.40'):   # the error lists the layer names
+        enc.fine_tune(True, 'layer2')
+    tv = torchvision.models.vgg19_bn()
+    torch.save(tv.state_dict(), tmp_path / 'vgg.pth')     # classifier entries are ignored
+    local = models.Encoder('vgg19', str(tmp_path / 'vgg.pth'), image_size=64)
+    assert torch.equal(local.backbone.features[0].weight, tv.features[0].weight)
+
+
+def test_encoder_registry_entries_are_consistent():
+    """Every entry builds (random weights, small input), gives its stated channels and names its
+    own fine-tuning start among its layers."""
+    for name, spec in models.ENCODERS.items():
+        if name in ('resnet101', 'resnet152', 'resnet34', 'resnet50'):
+            continue                                        # same code path as resnet18, only slower
+        if spec.build == '_efficientnet_lite0':
+            pytest.importorskip('efficientnet_lite_pytorch')
+        enc = models.Encoder(name, 'none', image_size=64)
+        assert enc.features(torch.randn(1, 3, 64, 64)).shape[1] == spec.dim, name
+        assert spec.fine_tune_from in enc.layer_names(), name

@@ -146,9 +146,47 @@ def test_checkpoint_rng_state_round_trip():
 
 def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path):
     """Stage 2 can start from a small exported checkpoint too (encoder stored whole or as a delta)."""
-    import models
+    import checkpoint
     exported = tmp_path / 'small.pt'
-    utils.save_checkpoint(exported, models.export_checkpoint(utils.load_checkpoint(tiny_checkpoint)))
+    utils.save_checkpoint(exported, checkpoint.export(checkpoint.load(tiny_checkpoint)))
     folder, name = synth_data
     assert train.main(['--data-folder', folder, '--init-from', str(exported), '--epochs', '1', '--batch-size', '20',
                        '--workers', '0', '--out-dir', str(tmp_path / 'again')]) == 0
+
+
+@pytest.mark.parametrize('name', ['dot_attention', 'show_tell', 'repeat_bilstm'])
+def test_every_decoder_trains_resumes_and_is_read_from_its_checkpoint(name, synth_data, tmp_path, capsys):
+    """01_train.py --decoder NAME: a stopped and resumed run reproduces the losses; 02 and 03 take the
+    decoder from the checkpoint (format 2), and --visualize says when there is no attention."""
+    import datasets
+    import decoders
+    from conftest import train_flags
+    folder, data_name = synth_data
+    base = ['--data-folder', folder, '--batch-size', '20', '--epochs', '1', *train_flags(name)]
+    full, parts = tmp_path / 'full', tmp_path / 'parts'
+    assert train.main([*base, '--out-dir', str(full)]) == 0
+    assert train.main([*base, '--out-dir', str(parts), '--max-steps', '5']) == 0
+    assert train.main(['--resume', str(next(parts.glob('checkpoint_*.pt')))]) == 0
+    assert step_losses(parts) == step_losses(full) and len(step_losses(full)) == 12   # exactly, step by step
+    a, b = (torch.load(next(d.glob('checkpoint_*.pt')), weights_only=True)['decoder'] for d in (full, parts))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best = full / f'BEST_checkpoint_{data_name}.pt'
+    saved = torch.load(best, weights_only=True)
+    assert saved['format'] == 2 and saved['config']['decoder'] == name
+    assert saved['config']['decoder_args'] == decoders.decoder_from_args(name, saved['config']['decoder_args']).args()
+    image = datasets.CaptionDataset(folder, data_name, 'TEST').paths[0]
+    capsys.readouterr()
+    assert script('02_inference').main(['--img', image, '--checkpoint', str(best), '--out', str(tmp_path / 'inf'),
+                                        '--visualize']) == 0
+    printed = capsys.readouterr().out
+    assert ('no figures written' in printed) == (not decoders.DECODERS[name].has_attention)
+    assert bool(list((tmp_path / 'inf').glob('*_attention.png'))) == decoders.DECODERS[name].has_attention
+    assert script('03_evaluate').main(['--checkpoint', str(best), '--data-folder', folder, '--split', 'TEST',
+                                       '--metrics', 'nltk']) == 0
+
+
+def test_decoder_settings_are_checked(synth_data, tmp_path, capsys):
+    folder, _ = synth_data
+    assert train.main(['--data-folder', folder, '--out-dir', str(tmp_path / 'x'), '--decoder', 'show_tell',
+                       '--attention-dim', '8', '--epochs', '1', '--workers', '0']) == 1
+    assert 'decoder show_tell has no setting attention_dim' in capsys.readouterr().err

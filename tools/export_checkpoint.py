@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
+import checkpoint  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def main(argv=None):
     p.add_argument('out', help='where to write the exported checkpoint')
     p.add_argument('--fp32', action='store_true', help='keep fp32 weights')
     args = p.parse_args(argv)
-    out = models.export_checkpoint(utils.load_checkpoint(args.checkpoint), fp16=not args.fp32)
+    out = checkpoint.export(checkpoint.load(args.checkpoint), fp16=not args.fp32)
     utils.save_checkpoint(args.out, out)
     n_delta = len(out.get('encoder_delta') or {})
     print(f"wrote {args.out} ({utils.format_size(os.path.getsize(args.out))}; encoder: "

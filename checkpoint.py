@@ -1,0 +1,116 @@
+"""The checkpoint format: what a checkpoint holds, the migration of older files, export to a small
+inference file, and rebuilding the models from one.
+
+A checkpoint is a plain dict of tensors and primitives (torch.load(weights_only=True) reads it;
+utils.save_checkpoint / utils.load_checkpoint do the file I/O). Format 2:
+
+    format        2
+    config        the run's settings, including
+                    decoder       a name in decoders.DECODERS
+                    decoder_args  that decoder's Config as a dict (sizes, vocab_size, encoder_dim)
+                    encoder, encoder_weights, image_size, encoded_image_size
+    word_map      word -> id
+    decoder       decoder state_dict (decoder_ema: its moving average, when training kept one)
+    encoder       encoder state_dict, or None with encoder_delta (the entries that differ from the
+                  encoder's named pretrained weights) and encoder_digest (exported files)
+    ...           training state: optimizer, scheduler, rng, epoch, step, best_score, val_metrics
+
+Format 1 (the first release, one decoder) had no decoder/decoder_args: `migrate` adds them, so
+its files (the shipped checkpoint among them) load unchanged.
+"""
+import torch
+
+import utils
+from models import ENCODERS, build_models
+
+FORMAT = 2
+
+
+def migrate(ckpt, path='checkpoint'):
+    """A checkpoint dict of any known format -> format 2 (a new dict; the input is not changed)."""
+    fmt = ckpt.get('format', 1)
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise ValueError(f'{path}: checkpoint format {fmt!r} is newer than this code understands ({FORMAT}): '
+                         'update the suite')
+    if fmt >= 2:
+        return ckpt
+    config = dict(ckpt['config'])
+    try:
+        config['decoder'] = 'sat'
+        config['decoder_args'] = {
+            'vocab_size': len(ckpt['word_map']), 'encoder_dim': ENCODERS[config['encoder']].dim,
+            'emb_dim': config['emb_dim'], 'attention_dim': config['attention_dim'],
+            'decoder_dim': config['decoder_dim'], 'dropout': config['dropout'],
+            'alpha_c': config.get('alpha_c', 1.0), 'attention': 'additive'}
+    except KeyError as e:
+        raise ValueError(f'{path}: a format-1 checkpoint without config field {e}') from None
+    return {**ckpt, 'config': config, 'format': FORMAT}
+
+
+def load(path, map_location='cpu'):
+    """Read a checkpoint file (no code runs: weights_only) and bring it to the current format."""
+    return migrate(utils.load_checkpoint(path, map_location), path)
+
+
+def restore_encoder(encoder, ckpt):
+    """Load a checkpoint's encoder weights into `encoder` (built from the checkpoint's config).
+
+    Training checkpoints hold the whole encoder (build it with weights 'none'). Exported ones
+    (tools/export_checkpoint.py) may hold only 'encoder_delta', the entries that differ from the
+    encoder's named pretrained weights (build it with those): the delta is applied and the result
+    checked against the stored 'encoder_digest'."""
+    full = ckpt.get('encoder') is not None
+    state = ckpt['encoder'] if full else ckpt.get('encoder_delta', {})
+    unknown = set(state) - set(encoder.state_dict())
+    if unknown:
+        raise ValueError(f'checkpoint encoder entries unknown to {encoder.name}: {sorted(unknown)[:3]}')
+    encoder.load_state_dict(utils.float_state_dict(state), strict=full)
+    if not full and ckpt.get('encoder_digest'):
+        if utils.state_dict_digest(encoder) != ckpt['encoder_digest']:
+            raise ValueError(f'the {encoder.name} weights installed here differ from those this checkpoint was '
+                             'trained with (encoder digest mismatch): install the pinned requirements-extras.txt')
+    return encoder
+
+
+def encoder_weights_for(ckpt):
+    """The weights to build a checkpoint's encoder with before restore_encoder."""
+    return 'none' if ckpt.get('encoder') is not None else ckpt['config']['encoder_weights']
+
+
+def selected_decoder_state(ckpt):
+    """The decoder weights a checkpoint was selected with: the moving average when training kept one."""
+    return ckpt.get('decoder_ema') or ckpt['decoder']
+
+
+def models_from_checkpoint(ckpt, device='cpu'):
+    """(encoder, decoder) in eval mode, fp32, on `device`, from a checkpoint dict (any format); the
+    decoder's moving average when training kept one."""
+    ckpt = migrate(ckpt)
+    encoder, decoder = build_models(ckpt['config'], len(ckpt['word_map']), encoder_weights_for(ckpt))
+    restore_encoder(encoder, ckpt)
+    decoder.load_state_dict(utils.float_state_dict(selected_decoder_state(ckpt)))
+    return encoder.to(device).eval(), decoder.to(device).eval()
+
+
+def export(ckpt, fp16=True):
+    """A small inference checkpoint from a training checkpoint dict: no optimizer or RNG state,
+    floating weights in fp16, and only the encoder entries that differ from its named pretrained
+    weights (with a digest to check them on load). The encoder is kept whole when its weights were
+    random or a local file."""
+    ckpt = migrate(ckpt)
+    config = ckpt['config']
+    cast = utils.half_state_dict if fp16 else dict
+    out = {'format': FORMAT, 'config': config, 'word_map': ckpt['word_map'],
+           'decoder': cast(selected_decoder_state(ckpt)), 'epoch': ckpt.get('epoch'),
+           'best_score': ckpt.get('best_score'),
+           # numbers only: sample captions quote the dataset's references, which must not ship
+           'val_metrics': {k: v for k, v in (ckpt.get('val_metrics') or {}).items() if k != 'samples'}}
+    if config['encoder_weights'] != 'imagenet':
+        out['encoder'] = cast(ckpt['encoder'])
+        return out
+    encoder = build_models(config, len(ckpt['word_map']))[0]        # the named pretrained weights
+    reference = encoder.state_dict()
+    delta = cast({k: v for k, v in ckpt['encoder'].items() if not torch.equal(v.float(), reference[k].float())})
+    encoder.load_state_dict(utils.float_state_dict(delta), strict=False)
+    out.update(encoder=None, encoder_delta=delta, encoder_digest=utils.state_dict_digest(encoder))
+    return out
