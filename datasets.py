@@ -139,7 +139,7 @@ def read_caption_table(path, image_folder, seed=0, val_fraction=0.1, test_fracti
     per line, e.g. Flickr8k-CN's flickr8ktrain.txt} (images in no list are left out); else a seeded
     shuffle: test_fraction -> TEST, val_fraction -> VAL, rest TRAIN. `val_path` (e.g. AI Challenger's
     or COCO's separate validation file, images in `val_image_folder`) gives VAL instead of val_fraction.
-    Repeated (image, caption) rows are merged (counted in ImageRecord.merged_duplicates).
+    Repeated rows are merged (counted in ImageRecord.merged_duplicates; see _group_rows).
     """
     by_image = _group_rows(path, _table_rows(path))
     if not by_image:
@@ -177,15 +177,20 @@ def read_caption_table(path, image_folder, seed=0, val_fraction=0.1, test_fracti
 
 
 def _group_rows(path, rows):
-    """(where, image, caption, split) rows -> {image: {'split', 'where', 'raws', 'merged'}}; a repeated
-    (image, caption) pair is merged and counted."""
+    """(where, image, caption, split, row id) rows -> {image: {'split', 'where', 'raws', 'merged'}}.
+
+    A repeated row (same image, caption and row id) is merged and counted. Rows of a CSV/JSONL have no
+    id, so a repeated (image, caption) pair is merged; a token file's id is its sentence id
+    ('x.jpg#zhc#3') and JSON annotations are all distinct, so two annotators who wrote the same
+    sentence both stay references (Flickr8k-CN has 1693 such pairs).
+    """
     by_image = collections.OrderedDict()
-    for where, name, caption, split in rows:
+    for where, name, caption, split, row_id in rows:
         entry = by_image.setdefault(name, {'split': split, 'where': where, 'raws': [], 'seen': set(), 'merged': 0})
         if split is not None and entry['split'] is not None and split != entry['split']:
             raise ValueError(f"{path}: {where}: image {name!r} has split {split!r} here but "
                              f"{entry['split']!r} at {entry['where']}")
-        key = ' '.join(caption.split())
+        key = (row_id, ' '.join(caption.split()))
         if key in entry['seen']:
             entry['merged'] += 1
             continue
@@ -229,7 +234,8 @@ def _read_text(path):
 
 
 def _table_rows(path):
-    """Yield (where, image, caption, SPLIT or None) from a CSV, JSONL, JSON or Flickr8k(-CN) token file."""
+    """Yield (where, image, caption, SPLIT or None, row id for duplicate merging) from a CSV, JSONL,
+    JSON or Flickr8k(-CN) token file."""
     ext = os.path.splitext(path)[1].lower()
     content = _read_text(path)
     first = content.split('\n', 1)[0]
@@ -275,7 +281,7 @@ def _csv_rows(path, content):
                 raise ValueError(f'{path}: {where}: more fields than the header names '
                                  '(quote captions that contain commas)')
             image, caption = _check_row(path, where, row['image'], row['caption'])
-            yield where, image, caption, _split_value(path, where, row.get('split'))
+            yield where, image, caption, _split_value(path, where, row.get('split')), None
     except csv.Error as e:
         raise ValueError(f'{path}: line {reader.line_num}: unreadable CSV ({e})') from None
 
@@ -292,7 +298,7 @@ def _jsonl_rows(path, content):
         if not isinstance(row, dict) or 'image' not in row or 'caption' not in row:
             raise ValueError(f"{path}: {where}: expected an object with fields 'image' and 'caption'")
         image, caption = _check_row(path, where, row['image'], row['caption'])
-        yield where, image, caption, _split_value(path, where, row.get('split'))
+        yield where, image, caption, _split_value(path, where, row.get('split')), None
 
 
 def _token_file_rows(path, content):
@@ -307,7 +313,7 @@ def _token_file_rows(path, content):
         if '#' not in name or not caption.strip():
             raise ValueError(f'{path}: {where}: expected "image.jpg#k<TAB>caption" or "image.jpg#zhc#k caption"')
         image, caption = _check_row(path, where, name.split('#')[0], caption)
-        yield where, image, caption, None
+        yield where, image, caption, None, name.strip()
 
 
 def _json_rows(path, content):
@@ -328,7 +334,7 @@ def _json_rows(path, content):
                                  f"sentences, got {type(caps).__name__ if caps is not None else 'nothing'}")
             for j, cap in enumerate(caps):
                 image, caption = _check_row(path, f'{where}.caption[{j}]', item['image_id'], cap)
-                yield where, image, caption, None
+                yield where, image, caption, None, f'{where}.caption[{j}]'
         return
     if isinstance(data, dict) and 'annotations' in data and 'images' in data:   # official COCO captions
         if not isinstance(data['images'], list) or not isinstance(data['annotations'], list):
@@ -345,7 +351,7 @@ def _json_rows(path, content):
             if ann['image_id'] not in files:
                 raise ValueError(f"{path}: {where}: image_id {ann['image_id']!r} is not in 'images'")
             image, caption = _check_row(path, where, files[ann['image_id']], ann['caption'])
-            yield where, image, caption, None
+            yield where, image, caption, None, where
         return
     if isinstance(data, dict) and 'images' in data:
         raise ValueError(f'{path}: this looks like a Karpathy split JSON: pass it with --karpathy-json')
