@@ -114,6 +114,7 @@ def main(argv=None):
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
+        text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':
             ok, why = metrics.coco_status() if tokenizer == 'words' else metrics.segmented_status()
             if not ok:
