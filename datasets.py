@@ -88,7 +88,12 @@ def read_karpathy(json_path, image_folder, tokenizer='words', allow_outside=Fals
     when the image has a 'filepath' (COCO), else image_folder/filename. Sentences with 'raw' only (or
     empty 'tokens') are tokenised from 'raw'; with a tokenizer other than `words`, 'raw' always is.
     """
-    data = read_json(json_path, 'Karpathy split JSON')
+    try:
+        data = json.loads(_read_text(json_path))            # UTF-8 (a BOM is fine), bad bytes named by line
+    except FileNotFoundError:
+        raise FileNotFoundError(f'Karpathy split JSON not found: {json_path}') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{json_path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
     if not isinstance(data, dict) or not isinstance(data.get('images'), list):
         raise ValueError(f"{json_path}: expected an object with a list field 'images' (Karpathy format)")
     records = []

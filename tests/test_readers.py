@@ -211,3 +211,15 @@ def test_karpathy_raw_only_sentences_are_segmented(tmp_path, imgs):
     kj.write_text(json.dumps({'images': [{'filename': 'a.jpg', 'split': 'train',
                                           'sentences': [{'tokens': ['a', 'dog'], 'raw': 'A Dog!'}]}]}))
     assert datasets.read_karpathy(str(kj), str(imgs))[0].tokens == [['a', 'dog']]
+
+
+def test_karpathy_json_with_bom_and_non_utf8(tmp_path, imgs):
+    kj = tmp_path / 'k.json'
+    body = json.dumps({'images': [{'filename': 'a.jpg', 'split': 'train', 'sentences': [{'raw': 'Un café noir'}]}]},
+                      ensure_ascii=False, indent=1)
+    kj.write_bytes(b'\xef\xbb\xbf' + body.encode('utf-8'))
+    assert datasets.read_karpathy(str(kj), str(imgs))[0].tokens == [['un', 'café', 'noir']]
+    kj.write_bytes(body.encode('latin-1'))
+    line = body.split('\n').index(next(x for x in body.split('\n') if 'caf' in x)) + 1
+    with pytest.raises(ValueError, match=f'k.json: line {line}: not UTF-8 text'):
+        datasets.read_karpathy(str(kj), str(imgs))
