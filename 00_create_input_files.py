@@ -6,6 +6,15 @@
     python 00_create_input_files.py --dataset flickr8k --karpathy-json data/dataset_flickr8k.json \\
         --image-folder data/Flicker8k_Dataset
     python 00_create_input_files.py --dataset mycaps --captions-file captions.csv --image-folder photos
+    python 00_create_input_files.py --dataset flickr8k_cn \
+        --captions-file ../shared/datasets/flickr8k-cn/flickr8kzhc.caption.txt \
+        --train-list ../shared/datasets/flickr8k-cn/flickr8ktrain.txt \
+        --val-list ../shared/datasets/flickr8k-cn/flickr8kval.txt \
+        --image-folder ../shared/datasets/flickr8k/images --output-folder data/flickr8k_cn   # jieba (auto)
+    python 00_create_input_files.py --dataset aic --captions-file caption_train_annotations_20170902.json \
+        --image-folder aic/train --val-captions-file caption_validation_annotations_20170910.json \
+        --val-image-folder aic/val                         # AI Challenger 2017 (COCO's captions_*2017.json alike)
+    python 00_create_input_files.py --language zh         # the synthetic set with Chinese captions
 
 Edit the constants below or pass flags (flags win). Outputs are described in datasets.py.
 """
@@ -16,11 +25,21 @@ import time
 
 import datasets
 import synthetic
+import text
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATASET = 'synthetic'       # coco | flickr8k | flickr30k | synthetic | any name for your own captions
 KARPATHY_JSON = ''          # Karpathy split JSON, e.g. 'data/dataset_coco.json' (synthetic: generated)
-CAPTIONS_FILE = ''          # your own captions instead: CSV/JSONL image,caption[,split] or Flickr8k.token.txt
+CAPTIONS_FILE = ''          # your own captions instead: CSV/JSONL image,caption[,split], Flickr8k.token.txt,
+                            # Flickr8k-CN's *.caption.txt, AI Challenger JSON or COCO captions_*.json
+TRAIN_LIST = ''             # optional split lists for CAPTIONS_FILE: image names or ids, one per line
+VAL_LIST = ''               # (e.g. Flickr8k-CN's flickr8ktrain.txt / flickr8kval.txt); unlisted images
+TEST_LIST = ''              # are left out
+VAL_CAPTIONS_FILE = ''      # a separate validation captions file (AI Challenger, COCO val2017): VAL
+VAL_IMAGE_FOLDER = ''       # ... and its image folder ('' = IMAGE_FOLDER)
+TOKENIZER = 'auto'          # words (Unicode words) | jieba (Chinese) | chars | auto: jieba for mostly-CJK captions
+ALLOW_OUTSIDE_PATHS = False # accept image names that leave IMAGE_FOLDER (absolute, '..')
+LANGUAGE = 'en'             # synthetic captions: en | zh
 IMAGE_FOLDER = ''           # folder the image file names are relative to (COCO: the one holding train2014/)
 OUTPUT_FOLDER = 'data'      # where the prepared files go
 CAPTIONS_PER_IMAGE = 5      # captions kept per image (sampled down, or up by repetition, with SEED)
@@ -45,6 +64,19 @@ def parse_args(argv=None):
     p.add_argument('--captions-file', default=CAPTIONS_FILE,
                    help='your own captions: CSV or JSONL of image,caption[,split] rows, or Flickr8k.token.txt')
     p.add_argument('--image-folder', default=IMAGE_FOLDER, help='folder holding the images')
+    p.add_argument('--train-list', default=TRAIN_LIST, help='--captions-file split list: image names/ids of TRAIN')
+    p.add_argument('--val-list', default=VAL_LIST, help='... of VAL')
+    p.add_argument('--test-list', default=TEST_LIST, help='... of TEST (images in no given list are left out)')
+    p.add_argument('--val-captions-file', default=VAL_CAPTIONS_FILE,
+                   help='a separate validation captions file (AI Challenger, COCO val2017) for VAL')
+    p.add_argument('--val-image-folder', default=VAL_IMAGE_FOLDER, help="its images ('' = --image-folder)")
+    p.add_argument('--tokenizer', choices=('auto', *text.TOKENIZERS), default=TOKENIZER,
+                   help='words: Unicode words; jieba: Chinese segmentation; chars: one token per CJK character; '
+                        'auto: jieba when the captions are mostly CJK, else words (default: %(default)s)')
+    p.add_argument('--allow-outside-paths', action=argparse.BooleanOptionalAction, default=ALLOW_OUTSIDE_PATHS,
+                   help="accept image paths that leave --image-folder (absolute, '..') (default: %(default)s)")
+    p.add_argument('--language', choices=synthetic.LANGUAGES, default=LANGUAGE,
+                   help='synthetic captions in English or Chinese (default: %(default)s)')
     p.add_argument('--output-folder', default=OUTPUT_FOLDER, help='where to write (default: %(default)s)')
     p.add_argument('--captions-per-image', type=int, default=CAPTIONS_PER_IMAGE, help='(default: %(default)s)')
     p.add_argument('--min-word-freq', type=int, default=MIN_WORD_FREQ,
@@ -74,20 +106,24 @@ def read_records(args):
     if args.captions_file:
         if not args.image_folder:
             raise SystemExit('--captions-file needs --image-folder (where the images named in it are)')
-        return datasets.read_caption_table(args.captions_file, args.image_folder, args.seed,
-                                           args.val_fraction, args.test_fraction)
+        lists = {s: p for s, p in (('TRAIN', args.train_list), ('VAL', args.val_list), ('TEST', args.test_list)) if p}
+        return datasets.read_caption_table(args.captions_file, args.image_folder, args.seed, args.val_fraction,
+                                           args.test_fraction, args.tokenizer, args.allow_outside_paths, lists or None,
+                                           args.val_captions_file or None, args.val_image_folder or None)
+    if args.train_list or args.val_list or args.test_list or args.val_captions_file:
+        raise SystemExit('--train-list/--val-list/--test-list/--val-captions-file go with --captions-file')
     if args.dataset == 'synthetic' and not args.karpathy_json:
         n = args.synthetic_images
         n_val = n_test = max(1, n // 10)
-        folder = os.path.join(args.output_folder, 'synthetic_source')
+        folder = os.path.join(args.output_folder, 'synthetic_source' + ('' if args.language == 'en' else '_' + args.language))
         print(f'generating {n} synthetic scenes in {folder} ...')
         args.karpathy_json, args.image_folder = synthetic.generate(
-            folder, n - n_val - n_test, n_val, n_test, args.synthetic_image_size, args.seed)
+            folder, n - n_val - n_test, n_val, n_test, args.synthetic_image_size, args.seed, args.language)
     if not args.karpathy_json:
         raise SystemExit(f'--dataset {args.dataset} needs --karpathy-json (or --captions-file for your own captions)')
     if not args.image_folder:
         raise SystemExit('--karpathy-json needs --image-folder (where the images are)')
-    return datasets.read_karpathy(args.karpathy_json, args.image_folder)
+    return datasets.read_karpathy(args.karpathy_json, args.image_folder, args.tokenizer, args.allow_outside_paths)
 
 
 def main(argv=None):
@@ -98,7 +134,7 @@ def main(argv=None):
         summary = datasets.prepare_dataset(
             records, args.dataset, args.output_folder, args.captions_per_image, args.min_word_freq,
             args.max_len, args.hdf5, args.image_size, args.seed, args.skip_missing, args.workers or None)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     datasets.print_summary(summary, args.output_folder)

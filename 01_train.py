@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import checkpoint
 import datasets
+import text
 import utils
 from caption import beam_search, words_of
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
@@ -283,6 +284,7 @@ class Trainer:
         self.log = print if self.main else (lambda *a, **k: None)
         folder, name = config['data_folder'], config['data_name']
         self.word_map = utils.read_json(os.path.join(folder, f'WORDMAP_{name}.json'), 'word map')
+        config['tokenizer'] = text.read_tokenizer(folder, name)   # decoding/scoring in 02/03 (text.py)
         for ckpt in (resume_ckpt, init_ckpt):
             if ckpt is not None and ckpt['word_map'] != self.word_map:
                 raise SystemExit(f"the word map in {folder} differs from the checkpoint's: was the data re-prepared?")
@@ -581,7 +583,7 @@ class Trainer:
                 if len(samples) < 3:
                     samples.append({'caption': res[i][0], 'ref': self.val_refs[i][0]})
                 i += 1
-        bleu, _ = NltkBleu().compute_score(gts, res)
+        bleu, _ = NltkBleu(self.config.get('tokenizer', 'words')).compute_score(gts, res)
         return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
                 'samples': samples}
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 import caption
+import text
 import utils
 from datasets import list_images, load_image
 
@@ -64,6 +65,7 @@ def main(argv=None):
             raise FileNotFoundError(f'no jpg/jpeg/png/bmp/webp images in {args.img}')
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
@@ -77,7 +79,7 @@ def main(argv=None):
     for path, res in zip(paths, results):
         if res is not None:
             hyp = res[args.beam_size]
-            rows.append({'image': path, 'caption': ' '.join(hyp['words']), 'score': round(hyp['score'], 4),
+            rows.append({'image': path, 'caption': text.join_words(hyp['words'], tokenizer), 'score': round(hyp['score'], 4),
                          'finished': hyp['finished']})
             print(f"{path}: {rows[-1]['caption']}")
     os.makedirs(args.out, exist_ok=True)

@@ -3,11 +3,15 @@
     python 03_evaluate.py --checkpoint runs/.../BEST_checkpoint_....pt --split TEST --beam-sizes 1 3 5
     python 03_evaluate.py --karpathy-json data/dataset_flickr8k.json --image-folder data/Flicker8k_Dataset \\
         --split val --beam-sizes 1 3 5 --out metrics.json
+    python 03_evaluate.py --coco-json annotations/captions_val2017.json --image-folder val2017 \
+        --checkpoint runs/.../BEST_checkpoint_....pt      # every image of an official COCO caption file
 
 Each image is captioned once per beam size (the encoder runs once per image) and scored against
 every raw reference sentence it has: BLEU-1..4 with nltk always; BLEU-1..4, METEOR, ROUGE-L and
 CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. These are scores of
-generated captions, unlike the teacher-forced numbers some tutorials report.
+generated captions, unlike the teacher-forced numbers some tutorials report. Captions and references
+are segmented with the checkpoint's tokenizer (text.py): for Chinese (jieba) BLEU, ROUGE-L and CIDEr
+are computed on jieba segments without the English PTB tokenizer, and METEOR (English-only) is left out.
 """
 import argparse
 import os
@@ -18,6 +22,7 @@ import time
 import caption
 import datasets
 import metrics
+import text
 import utils
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
@@ -25,7 +30,9 @@ CHECKPOINT = caption.PROVIDED_CHECKPOINT   # the model to score
 DATA_FOLDER = 'data'                       # prepared files (00_create_input_files.py) ...
 DATA_NAME = ''                             # ... their base name ('' = the only one in DATA_FOLDER)
 KARPATHY_JSON = ''                         # or straight from a Karpathy split JSON ...
+COCO_JSON = ''                             # ... or every image of an official COCO caption file ...
 IMAGE_FOLDER = ''                          # ... and its image folder
+ALLOW_OUTSIDE_PATHS = False                # accept image paths that leave IMAGE_FOLDER (absolute, '..')
 SPLIT = 'TEST'                             # TEST, VAL or TRAIN (Karpathy names test/val/train work too)
 BEAM_SIZES = [3]                           # one row of results per beam size
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
@@ -47,7 +54,12 @@ def parse_args(argv=None):
     p.add_argument('--data-folder', default=DATA_FOLDER, help='prepared files (default: %(default)s)')
     p.add_argument('--data-name', default=DATA_NAME, help="their base name ('' = the only one)")
     p.add_argument('--karpathy-json', default=KARPATHY_JSON, help='evaluate from a Karpathy split JSON instead')
-    p.add_argument('--image-folder', default=IMAGE_FOLDER, help='images of --karpathy-json')
+    p.add_argument('--coco-json', default=COCO_JSON,
+                   help='score every image of an official COCO caption file (captions_val2017.json) against '
+                        'all of its references instead (--split is then ignored)')
+    p.add_argument('--image-folder', default=IMAGE_FOLDER, help='images of --karpathy-json or --coco-json')
+    p.add_argument('--allow-outside-paths', action=argparse.BooleanOptionalAction, default=ALLOW_OUTSIDE_PATHS,
+                   help="accept image paths that leave --image-folder (absolute, '..') (default: %(default)s)")
     p.add_argument('--split', default=SPLIT, help='(default: %(default)s)')
     p.add_argument('--beam-sizes', type=int, nargs='+', default=BEAM_SIZES, help='(default: %(default)s)')
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM, help='(default: %(default)s)')
@@ -70,10 +82,19 @@ def split_images(args):
     split = datasets.SPLIT_NAMES.get(args.split.lower(), args.split.upper())
     if split not in datasets.SPLITS:
         raise ValueError(f"--split {args.split!r}: expected one of {', '.join(datasets.SPLITS)}")
-    if args.karpathy_json:
+    if args.coco_json:
+        if not args.image_folder or args.karpathy_json:
+            raise ValueError('--coco-json needs --image-folder (and no --karpathy-json)')
+        if os.path.splitext(args.coco_json)[1].lower() != '.json':
+            raise ValueError(f'--coco-json {args.coco_json}: expected a .json caption annotation file')
+        records = datasets.read_caption_table(args.coco_json, args.image_folder, val_fraction=0, test_fraction=0,
+                                              allow_outside=args.allow_outside_paths)
+        paths, refs, split = [r.path for r in records], [r.raws for r in records], os.path.basename(args.coco_json)
+    elif args.karpathy_json:
         if not args.image_folder:
             raise ValueError('--karpathy-json needs --image-folder')
-        records = [r for r in datasets.read_karpathy(args.karpathy_json, args.image_folder) if r.split == split]
+        records = [r for r in datasets.read_karpathy(args.karpathy_json, args.image_folder,
+                                                     allow_outside=args.allow_outside_paths) if r.split == split]
         paths, refs = [r.path for r in records], [r.raws for r in records]
     else:
         name = args.data_name or utils.find_data_name(args.data_folder)
@@ -92,8 +113,10 @@ def main(argv=None):
         paths, refs, split = split_images(args)
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
+        text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':
-            ok, why = metrics.coco_status()
+            ok, why = metrics.coco_status() if tokenizer == 'words' else metrics.segmented_status()
             if not ok:
                 raise RuntimeError(f'--metrics coco: {why}')
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
@@ -112,8 +135,9 @@ def main(argv=None):
     gts = {i: refs[i] for i in scored}
     table, captions, note = [], [], ''
     for k in args.beam_sizes:
-        res = {i: [' '.join(results[i][k]['words'])] for i in scored}
-        scores, note = metrics.score_captions(gts, res, coco={'auto': 'auto', 'coco': True, 'nltk': False}[args.metrics])
+        res = {i: [text.join_words(results[i][k]['words'], tokenizer)] for i in scored}
+        scores, note = metrics.score_captions(gts, res, coco={'auto': 'auto', 'coco': True, 'nltk': False}[args.metrics],
+                                              tokenizer=tokenizer)
         table.append({'beam_size': k, 'metrics': scores})
         captions += [{'image': paths[i], 'beam_size': k, 'caption': res[i][0]} for i in scored]
     print_table(table)

@@ -42,3 +42,18 @@ flickr8k-checkpoint: $(STAMP)
 	$(PY) tools/export_checkpoint.py $(FLICKR8K_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt $(PROVIDED)
 	$(PY) 03_evaluate.py --checkpoint $(PROVIDED) --data-folder data/flickr8k --split VAL \
 	    --beam-sizes 1 3 5 --out $(FLICKR8K_RUN)/val_metrics.json
+
+# Prepare Flickr8k-CN (Chinese captions by native speakers for the Flickr8k train+val images; see
+# ../shared/datasets/flickr8k-cn/README.md) for training: jieba segmentation (chosen automatically,
+# recorded in data/flickr8k_cn/TOKENIZER_*.json), the official train/val lists; the test split is held out.
+FLICKR8K_CN_CAPTIONS ?= ../shared/datasets/flickr8k-cn/flickr8kzhc.caption.txt
+FLICKR8K_CN_TRAIN ?= ../shared/datasets/flickr8k-cn/flickr8ktrain.txt
+FLICKR8K_CN_VAL ?= ../shared/datasets/flickr8k-cn/flickr8kval.txt
+FLICKR8K_CN_IMAGES ?= $(FLICKR8K_IMAGES)
+FLICKR8K_CN_DATA ?= data/flickr8k_cn
+
+.PHONY: flickr8k-cn-data
+flickr8k-cn-data: $(STAMP)
+	$(PY) 00_create_input_files.py --dataset flickr8k_cn --captions-file $(FLICKR8K_CN_CAPTIONS) \
+	    --train-list $(FLICKR8K_CN_TRAIN) --val-list $(FLICKR8K_CN_VAL) --tokenizer jieba \
+	    --image-folder $(FLICKR8K_CN_IMAGES) --output-folder $(FLICKR8K_CN_DATA)

@@ -7,9 +7,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import checkpoint
+import text
 from utils import atomic_path
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -210,7 +211,7 @@ def attention_figure(image, words, alphas, panel=192, columns=5):
     grid = int(round(math.sqrt(alphas.shape[1])))
     img = image.convert('RGB').resize((panel, panel), Image.BILINEAR)
     base = np.asarray(img, dtype=np.float32)
-    font = ImageFont.load_default(size=max(12, panel // 12))
+    font = text.label_font(words, max(12, panel // 12))        # a CJK font when a label needs one
     label_h = panel // 6
     n = len(words) + 1
     rows = math.ceil(n / columns)

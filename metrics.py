@@ -4,6 +4,12 @@ gts = {image id: [reference sentences]} and res = {image id: [one generated sent
 BLEU-1..4 with nltk always work (captions tokenised with utils.tokenize). With the optional
 pycocoevalcap package (and Java) `score_captions` also gives the COCO caption toolkit's BLEU-1..4,
 METEOR, ROUGE-L and CIDEr through its PTB tokenizer: the numbers papers report. Values are fractions.
+
+Chinese (tokenizer jieba or chars, text.py): references and candidates are segmented with that
+tokenizer and the segments, joined by spaces, go straight to BLEU, ROUGE-L and CIDEr. The PTB
+tokenizer is bypassed: it does not segment Chinese (an unsegmented sentence stays one "word") and
+keeps full-width punctuation. METEOR is left out: its paraphrase tables and stemmer are English-only.
+These three scorers are pure Python, so Chinese scoring needs pycocoevalcap but not Java.
 """
 import contextlib
 import importlib.util
@@ -21,7 +27,10 @@ BLEU_WEIGHTS = [(1.0,), (0.5, 0.5), (1 / 3,) * 3, (0.25,) * 4]
 
 
 class NltkBleu:
-    """Corpus BLEU-1..4 (nltk) on lower-cased alphanumeric tokens, every reference of an image used."""
+    """Corpus BLEU-1..4 (nltk) on the tokens of `tokenizer` (text.py), every reference of an image used."""
+
+    def __init__(self, tokenizer='words'):
+        self.tokenizer = tokenizer
 
     def method(self):
         return 'Bleu (nltk)'
@@ -29,19 +38,26 @@ class NltkBleu:
     def compute_score(self, gts, res):
         """-> ([BLEU-1, BLEU-2, BLEU-3, BLEU-4], None)."""
         ids = sorted(res)
-        refs = [[tokenize(r) for r in gts[i]] for i in ids]
-        hyps = [tokenize(res[i][0]) for i in ids]
+        refs = [[tokenize(r, self.tokenizer) for r in gts[i]] for i in ids]
+        hyps = [tokenize(res[i][0], self.tokenizer) for i in ids]
         with warnings.catch_warnings():   # nltk warns when an n-gram order has no match (BLEU is then 0)
             warnings.simplefilter('ignore')
             return list(corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)), None
 
 
-def modified_precisions(candidate, references, max_n=4):
+def modified_precisions(candidate, references, max_n=4, tokenizer='words'):
     """Clipped n-gram precisions (as Fractions) of one candidate against its references: the
     quantities BLEU is built from. candidate/references are sentences (strings)."""
-    refs = [tokenize(r) for r in references]
-    hyp = tokenize(candidate)
+    refs = [tokenize(r, tokenizer) for r in references]
+    hyp = tokenize(candidate, tokenizer)
     return [modified_precision(refs, hyp, n) for n in range(1, max_n + 1)]
+
+
+def segmented_status():
+    """(True, '') when pycocoevalcap is installed (Chinese scoring needs no Java), else (False, why)."""
+    if importlib.util.find_spec('pycocoevalcap') is None:
+        return False, 'pycocoevalcap is not installed (pip install -r requirements-extras.txt)'
+    return True, ''
 
 
 def coco_status():
@@ -95,19 +111,43 @@ def _quiet():
         os.close(saved[1])
 
 
-def score_captions(gts, res, coco='auto'):
+def segmented_scores(gts, res, tokenizer):
+    """BLEU-1..4, ROUGE-L and CIDEr of pycocoevalcap on `tokenizer` segments (Chinese), without the
+    PTB tokenizer and without METEOR (English-only). Needs pycocoevalcap, not Java."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    def seg(s):
+        return ' '.join(tokenize(s, tokenizer))
+    g = {i: [seg(s) for s in gts[i]] for i in res}
+    r = {i: [seg(res[i][0])] for i in res}
+    out = {}
+    with _quiet():
+        for scorer, names in ((Bleu(4), COCO_KEYS[:4]), (Rouge(), ('ROUGE_L',)), (Cider(), ('CIDEr',))):
+            score, _ = scorer.compute_score(g, r)
+            out.update(zip(names, score if isinstance(score, list) else [score]))
+    return {k: float(v) for k, v in out.items()}
+
+
+def score_captions(gts, res, coco='auto', tokenizer='words'):
     """Score generated captions against all references.
 
     coco: 'auto' (the COCO toolkit when available), True (required) or False (nltk only).
     Returns (metrics, note): metrics has 'nltk_Bleu_1'..'nltk_Bleu_4' always and, from the COCO
     toolkit when used, 'Bleu_1'..'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'; without it 'Bleu_1'..'Bleu_4'
     repeat nltk's. `note` says which toolkit gave what.
+    tokenizer: the checkpoint's (text.py); jieba/chars score on those segments without PTB and METEOR.
     """
-    bleu, _ = NltkBleu().compute_score(gts, res)
+    bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
     metrics = {f'nltk_Bleu_{n}': float(b) for n, b in enumerate(bleu, 1)}
-    ok, why = coco_status() if coco else (False, 'disabled')
+    ok, why = (coco_status() if tokenizer == 'words' else segmented_status()) if coco else (False, 'disabled')
     if coco is True and not ok:
         raise RuntimeError(f'the COCO caption toolkit was required but {why}')
+    if ok and tokenizer != 'words':
+        metrics.update(segmented_scores(gts, res, tokenizer))
+        return metrics, (f'BLEU/ROUGE-L/CIDEr: pycocoevalcap on {tokenizer} segments (PTB tokenizer bypassed); '
+                         'METEOR left out (English-only); nltk_Bleu_*: nltk')
     if ok:
         metrics.update(coco_scores(gts, res))
         return metrics, 'BLEU/METEOR/ROUGE-L/CIDEr: pycocoevalcap (PTB tokenizer); nltk_Bleu_*: nltk'

@@ -4,7 +4,8 @@ Each image holds one object, two different objects in a spatial relation (left/r
 or a group of two or three identical objects; each gets five paraphrased captions that name
 colours, shapes, sizes, counts and relations, so a caption cannot be guessed without looking.
 `generate()` writes a Karpathy-format JSON plus an image folder, deterministically from a seed;
-00_create_input_files.py then prepares it like any other dataset.
+00_create_input_files.py then prepares it like any other dataset. language='zh' writes Chinese captions
+(same scenes; 'raw' only, unsegmented, like real Chinese data) for an offline Chinese end-to-end run.
 """
 import json
 import os
@@ -30,9 +31,26 @@ V_TEMPLATES = ('a {a} above a {b}', 'a {b} below a {a}', 'a {a} on top of a {b}'
 GROUP_TEMPLATES = ('{n} {o}s', 'there are {n} {o}s', 'a group of {n} {o}s', '{n} identical {o}s',
                    '{n} {o}s on a plain background', 'a picture of {n} {o}s')
 
+LANGUAGES = ('en', 'zh')
+# Chinese: the same scenes and choices (so the same random draws), other words and templates.
+ZH = {
+    'colours': {'red': '红色', 'green': '绿色', 'blue': '蓝色', 'yellow': '黄色', 'purple': '紫色', 'orange': '橙色'},
+    'shapes': {'circle': '圆形', 'square': '正方形', 'triangle': '三角形', 'star': '星形'},
+    'sizes': {'small': ('小', '小小的'), 'big': ('大', '大大的')},
+    'numbers': {2: '两', 3: '三'},
+    'one': ('一个{o}', '有一个{o}', '一张{o}的图片', '纯色背景上的一个{o}', '图中只有一个{o}', '单独一个{o}'),
+    'h': ('{a}在{b}的左边', '{b}在{a}的右边', '{a}在{b}左侧', '左边是{a},右边是{b}', '{b}位于{a}的右边',
+          '{a}挨着{b}'),
+    'v': ('{a}在{b}的上面', '{b}在{a}的下面', '{a}在{b}上方', '{b}在{a}下方', '上面是{a},下面是{b}',
+          '{a}位于{b}之上'),
+    'group': ('{n}个{o}', '有{n}个{o}', '一组{n}个{o}', '{n}个一样的{o}', '纯色背景上的{n}个{o}', '一张{n}个{o}的图片'),
+}
 
-def _phrase(obj, rng):
-    """'big red circle' with a random size synonym."""
+
+def _phrase(obj, rng, language='en'):
+    """'big red circle' (zh: '大红色圆形') with a random size synonym."""
+    if language == 'zh':
+        return f"{rng.choice(ZH['sizes'][obj['size']])}{ZH['colours'][obj['colour']]}{ZH['shapes'][obj['shape']]}"
     return f"{rng.choice(SIZES[obj['size']])} {obj['colour']} {obj['shape']}"
 
 
@@ -57,8 +75,9 @@ def _draw(draw, obj, cx, cy, radius):
         draw.polygon(pts, fill=fill)
 
 
-def make_scene(rng, size=128):
-    """One random scene -> (PIL image, five caption strings)."""
+def make_scene(rng, size=128, language='en'):
+    """One random scene -> (PIL image, five caption strings in `language`)."""
+    zh = language == 'zh'
     scale = 2                                                # draw at 2x, then downsample (smooth edges)
     w = size * scale
     bg = tuple(rng.randint(215, 250) for _ in range(3))
@@ -70,7 +89,7 @@ def make_scene(rng, size=128):
     if kind == 'one':
         obj = _random_object(rng)
         _draw(draw, obj, rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * w, radius[obj['size']])
-        captions = [t.format(o=_phrase(obj, rng)) for t in rng.sample(ONE_TEMPLATES, 5)]
+        captions = [t.format(o=_phrase(obj, rng, language)) for t in rng.sample(ZH['one'] if zh else ONE_TEMPLATES, 5)]
     elif kind == 'pair':
         a = _random_object(rng)
         b = _random_object(rng)
@@ -81,8 +100,8 @@ def make_scene(rng, size=128):
         for obj, pos in ((a, along[0]), (b, along[1])):
             x, y = (pos + jitter(), across + jitter()) if horizontal else (across + jitter(), pos + jitter())
             _draw(draw, obj, x, y, radius[obj['size']])
-        templates = H_TEMPLATES if horizontal else V_TEMPLATES
-        captions = [t.format(a=_phrase(a, rng), b=_phrase(b, rng)) for t in rng.sample(templates, 5)]
+        templates = (ZH['h'] if zh else H_TEMPLATES) if horizontal else (ZH['v'] if zh else V_TEMPLATES)
+        captions = [t.format(a=_phrase(a, rng, language), b=_phrase(b, rng, language)) for t in rng.sample(templates, 5)]
     else:
         obj = _random_object(rng)
         n = rng.choice((2, 3))
@@ -94,31 +113,35 @@ def make_scene(rng, size=128):
             along = s * w + jitter() / 4
             x, y = (along, across + jitter()) if horizontal else (across + jitter(), along)
             _draw(draw, obj, x, y, r)
-        captions = [t.format(n=NUMBERS[n], o=_phrase(obj, rng)) for t in rng.sample(GROUP_TEMPLATES, 5)]
+        captions = [t.format(n=(ZH['numbers'] if zh else NUMBERS)[n], o=_phrase(obj, rng, language))
+                    for t in rng.sample(ZH['group'] if zh else GROUP_TEMPLATES, 5)]
     return img.resize((size, size), Image.LANCZOS), captions
 
 
-def generate(folder, n_train=2000, n_val=250, n_test=250, image_size=128, seed=0):
-    """Write `folder`/images/*.png and `folder`/dataset_synthetic.json (Karpathy format).
+def generate(folder, n_train=2000, n_val=250, n_test=250, image_size=128, seed=0, language='en'):
+    """Write `folder`/images/*.png and `folder`/dataset_synthetic.json (Karpathy format; Chinese
+    sentences carry 'raw' only, with empty 'tokens', to be segmented by 00_create_input_files.py).
 
     Returns (json path, image folder). The same seed always gives the same files.
     """
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown synthetic language {language!r}; choose from {', '.join(LANGUAGES)}")
     rng = random.Random(seed)
     image_folder = os.path.join(folder, 'images')
     os.makedirs(image_folder, exist_ok=True)
     images, sentid = [], 0
     splits = ['train'] * n_train + ['val'] * n_val + ['test'] * n_test
     for i, split in enumerate(splits):
-        img, captions = make_scene(rng, image_size)
+        img, captions = make_scene(rng, image_size, language)
         name = f'synthetic_{i:05d}.png'
         with atomic_path(os.path.join(image_folder, name)) as tmp:
             img.save(tmp, format='PNG')
-        sentences = [{'tokens': c.split(), 'raw': c, 'imgid': i, 'sentid': sentid + k} for k, c in enumerate(captions)]
+        sentences = [{'tokens': c.split() if language == 'en' else [], 'raw': c, 'imgid': i, 'sentid': sentid + k} for k, c in enumerate(captions)]
         images.append({'filename': name, 'imgid': i, 'split': split, 'sentences': sentences,
                        'sentids': [s['sentid'] for s in sentences]})
         sentid += len(sentences)
     json_path = os.path.join(folder, 'dataset_synthetic.json')
     with atomic_path(json_path) as tmp:
-        with open(tmp, 'w') as f:
-            json.dump({'dataset': 'synthetic', 'images': images}, f)
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump({'dataset': 'synthetic', 'images': images}, f, ensure_ascii=False)
     return json_path, image_folder

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import tempfile
 
 import numpy as np
@@ -19,16 +18,13 @@ import torch.distributed as dist
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 CHECKPOINT_FORMAT = 1
 
-_WORD_RE = re.compile(r'[a-z0-9]+')
+def tokenize(text, tokenizer='words'):
+    """Lower-case a sentence and keep its words: "A dog's café." -> ['a', 'dog', 's', 'café'].
 
-
-def tokenize(text):
-    """Lower-case a sentence and keep its alphanumeric words: "A dog's toy." -> ['a', 'dog', 's', 'toy'].
-
-    The same rule is used to build vocabularies from raw captions and to score generated captions
-    against raw references with nltk BLEU.
+    Kept for compatibility: the tokenizers (Unicode words, jieba, chars) live in text.py.
     """
-    return _WORD_RE.findall(text.lower())
+    import text as _text
+    return _text.tokenize(text, tokenizer)
 
 
 def data_base_name(dataset, captions_per_image, min_word_freq):
