@@ -89,7 +89,7 @@ def decode_upload(data, transform, max_pixels):
 
     import datasets
     if not data:
-        raise ImageRefused(415, 'the uploaded file is empty; send a JPEG, PNG, WebP, BMP or GIF photo')
+        raise ImageRefused(415, 'the uploaded file is empty, not an image; send a JPEG, PNG, WebP, BMP or GIF photo')
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         try:
