@@ -49,7 +49,7 @@ MAX_QUEUE = 256                            # requests waiting for the model beyo
 DEVICE = 'cpu'                             # cpu | cuda | auto
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
 PAGE = os.path.join(caption.REPO_DIR, 'web', 'index.html')       # the page served at /
-EXTRAS = ('fastapi', 'uvicorn', 'multipart')                     # import names of the optional extras
+EXTRAS = ('fastapi', 'uvicorn', 'python_multipart')                   # import names of the optional extras
 SAMPLE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 
 log = logging.getLogger('serve')
@@ -67,7 +67,7 @@ def missing_extras():
 
 
 def extras_message(missing):
-    pip_names = {'multipart': 'python-multipart'}
+    pip_names = {'python_multipart': 'python-multipart'}
     return (f"the web server needs the optional extras, missing: {', '.join(pip_names.get(m, m) for m in missing)}. "
             f"Install them with: pip install -r requirements-extras.txt")
 

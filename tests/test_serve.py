@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, script
 
 pytest.importorskip('fastapi', reason='the web server extras are not installed (pip install -r requirements-extras.txt)')
-pytest.importorskip('multipart', reason='python-multipart is not installed (pip install -r requirements-extras.txt)')
+pytest.importorskip('python_multipart', reason='python-multipart is not installed (pip install -r requirements-extras.txt)')
 pytest.importorskip('httpx', reason="FastAPI's test client needs httpx (pip install -r requirements-dev.txt)")
 from fastapi.testclient import TestClient  # noqa: E402
 
