@@ -269,3 +269,18 @@ def test_missing_extras_are_named(monkeypatch, capsys, tiny_checkpoint):
     assert 'fastapi' in err and 'requirements-extras.txt' in err
     with pytest.raises(ImportError, match='requirements-extras.txt'):
         serve.create_app(tiny_checkpoint)
+
+
+def test_bench_serve_reports_every_level_and_the_memory(tiny_checkpoint):
+    import subprocess
+    done = subprocess.run([sys.executable, f'{REPO}/benchmarks/bench_serve.py', '--checkpoint', tiny_checkpoint,
+                           '--concurrency', '1', '3', '--requests', '6', '--warmup', '1', '--memory-requests', '5',
+                           '--json'], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [lv['clients'] for lv in r['levels']] == [1, 3]
+    for lv in r['levels']:
+        assert lv['requests'] == 6 and lv['requests_per_s'] > 0 and 0 < lv['p50_ms'] <= lv['p99_ms']
+    assert r['levels'][0]['mean_batch'] == 1
+    assert r['memory_requests'] == 5 and r['rss_before_mb'] > 0 and r['rss_after_mb'] > 0
+    assert r['logged_requests'] == 1 + 6 + 6 + 5                 # the server logged every request once
