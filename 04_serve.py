@@ -46,6 +46,7 @@ MAX_LEN = 50                               # at most this many words
 MAX_BATCH = 8                              # requests gathered into one batched beam search
 BATCH_WAIT_MS = 5.0                        # how long the first request of a batch waits for company
 MAX_QUEUE = 256                            # requests waiting for the model beyond this get 503
+DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
 PAGE = os.path.join(caption.REPO_DIR, 'web', 'index.html')       # the page served at /
@@ -287,7 +288,7 @@ class _Guard:
 def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_beam_size=MAX_BEAM_SIZE,
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
-               samples=SAMPLES, page=PAGE):
+               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -309,6 +310,11 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     sample_names = sorted(n for n in os.listdir(samples) if n.lower().endswith(SAMPLE_EXTENSIONS)) \
         if samples and os.path.isdir(samples) else []
     max_pixels = int(max_megapixels * 1e6)
+    decode_slots = threading.BoundedSemaphore(decode_workers)   # bounds decoding memory, however many clients
+
+    def decode(data):
+        with decode_slots:
+            return decode_upload(data, captioner.transform, max_pixels)
 
     class Beam(BaseModel):
         caption: str
@@ -381,7 +387,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
             beam_size: Annotated[int, Form(ge=1, le=max_beam_size, description='1 = greedy')] = beam_size):
         start = time.perf_counter()
         data = await image.read()       # spooled to disk by the parser past 1 MiB; capped by _Guard
-        tensor, (width, height) = await run_in_threadpool(decode_upload, data, captioner.transform, max_pixels)
+        tensor, (width, height) = await run_in_threadpool(decode, data)
         try:
             future = batcher.submit((tensor, beam_size))
         except queue.Full:
@@ -407,6 +413,7 @@ def parse_args(argv=None):
     p.add_argument('--max-batch', type=int, default=MAX_BATCH, help='requests per batch (default: %(default)s)')
     p.add_argument('--batch-wait-ms', type=float, default=BATCH_WAIT_MS, help='(default: %(default)s)')
     p.add_argument('--max-queue', type=int, default=MAX_QUEUE, help='(default: %(default)s)')
+    p.add_argument('--decode-workers', type=int, default=DECODE_WORKERS, help='(default: %(default)s)')
     p.add_argument('--device', default=DEVICE, help='cpu, cuda or auto (default: %(default)s)')
     p.add_argument('--samples', default=SAMPLES, help='folder of sample photos the page offers (default: %(default)s)')
     return p.parse_args(argv)
@@ -423,7 +430,7 @@ def main(argv=None):
     try:
         app = create_app(args.checkpoint, args.device, args.beam_size, args.max_beam_size, args.max_upload_mb,
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
-                         args.length_norm, args.samples)
+                         args.length_norm, args.samples, decode_workers=args.decode_workers)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

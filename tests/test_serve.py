@@ -284,3 +284,27 @@ def test_bench_serve_reports_every_level_and_the_memory(tiny_checkpoint):
     assert r['levels'][0]['mean_batch'] == 1
     assert r['memory_requests'] == 5 and r['rss_before_mb'] > 0 and r['rss_after_mb'] > 0
     assert r['logged_requests'] == 1 + 6 + 6 + 5                 # the server logged every request once
+
+
+def test_a_full_queue_is_503_and_the_others_still_get_answers(tiny_checkpoint):
+    app = serve.create_app(tiny_checkpoint, max_batch=1, max_queue=1)
+    batcher, gate, running = app.state.batcher, threading.Event(), threading.Event()
+    real = batcher.run_batch
+
+    def held(items):                      # the model is busy until the test lets it go
+        running.set()
+        gate.wait(60)
+        return real(items)
+    batcher.run_batch = held
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, c, photo('coffee.jpg'))
+        assert running.wait(60)                                               # taken by the model thread
+        second = pool.submit(post, c, photo('rocket.jpg'))
+        for _ in range(600):                                                 # waits in the queue (size 1)
+            if batcher.pending() == 1:
+                break
+            threading.Event().wait(0.05)
+        r = post(c, photo('astronaut.jpg'))
+        assert r.status_code == 503 and 'busy' in r.json()['detail']
+        gate.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
