@@ -79,20 +79,29 @@ def timed(step, n_captions, args, device):
     return statistics.median(rates), rates
 
 
-def synthetic_features_bench(args, device):
-    g = torch.Generator().manual_seed(0)
-    V, B = args.vocab_size, args.batch_size
-    decoder = decoders.build_decoder(args.decoder, V, 2048, dropout=0.5, **dims(args)).to(device)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=device.type in ('cpu', 'cuda'))  # as 01_train
+def synthetic_feature_batches(vocab_size, batch_size, device, n=8, seed=0):
+    """n batches of (features [B, 14, 14, 2048], captions [B, 52], lengths [B]): random features of a
+    frozen ResNet101's shape, one image per caption as the tutorial, and Flickr8k-like caption lengths
+    (<start> words <end>, then random filler that the lengths mask out). Also bench_tutorial.py's input."""
+    g = torch.Generator().manual_seed(seed)
+    V, B = vocab_size, batch_size
     batches = []
-    for _ in range(8):
+    for _ in range(n):
         words = (torch.randn(B, generator=g) * FLICKR8K_WORDS_SD + FLICKR8K_WORDS_MEAN).round().clamp(3, 35).long()
         lengths = words + 2
         caps = torch.randint(1, V - 3, (B, 52), generator=g)
         caps[:, 0] = V - 2
         caps[torch.arange(B), lengths - 1] = V - 1
-        feats = torch.randn(B, 14, 14, 2048, generator=g)          # one image per caption, as the tutorial
+        feats = torch.randn(B, 14, 14, 2048, generator=g)
         batches.append((feats.to(device), caps.to(device), lengths.to(device)))
+    return batches
+
+
+def synthetic_features_bench(args, device):
+    V, B = args.vocab_size, args.batch_size
+    decoder = decoders.build_decoder(args.decoder, V, 2048, dropout=0.5, **dims(args)).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=device.type in ('cpu', 'cuda'))  # as 01_train
+    batches = synthetic_feature_batches(V, B, device)
     state = {'i': 0}
 
     def step():
