@@ -314,6 +314,18 @@ def same_count(a, b):
     return sum(x == y for x, y in zip(a, b))
 
 
+def differences(paths, tutorial, ours, word_map, limit=10):
+    """The first `limit` images whose captions differ, in words (so a reader can judge how)."""
+    rev = {v: k for k, v in word_map.items()}
+    seen, out = set(), []
+    for p, t, o in zip(paths, tutorial, ours):
+        if t != o and p not in seen and len(out) < limit:
+            seen.add(p)
+            out.append({'image': os.path.basename(p), 'tutorial': ' '.join(rev[i] for i in t),
+                        'ours': ' '.join(rev[i] for i in o)})
+    return out
+
+
 def ms_per_image(times, n):
     return {k: [s / n * 1000 for s in v] for k, v in times.items()}
 
@@ -354,6 +366,7 @@ def decode_figure(tut, model, paths, args, device, sync):
     out = summarise_ms(ms_per_image(times, len(paths)), len(paths), sides)
     out.update({'identical_tutorial_vs_ours': same_count(outs['tutorial'], outs['ours_batched']),
                 'identical_ours_batch1_vs_batched': same_count(outs['ours_batch1'], outs['ours_batched']),
+                'different_captions': differences(paths, outs['tutorial'], outs['ours_batched'], word_map),
                 'beam_size': BEAM_SIZE, 'batch_size': args.batch_size, 'max_steps': TUTORIAL_MAX_STEPS})
     return out
 
@@ -381,6 +394,7 @@ def e2e_figure(tut, model, paths, args, device, sync):
     times, outs = interleaved(sides, args.rounds, sync)
     out = summarise_ms(ms_per_image(times, len(paths)), len(paths), sides)
     out.update({'identical_tutorial_vs_ours': same_count(outs['tutorial'], outs['ours_batched']),
+                'different_captions': differences(paths, outs['tutorial'], outs['ours_batched'], word_map),
                 'beam_size': BEAM_SIZE, 'batch_size': args.batch_size, 'image_size': encoder.image_size})
     return out
 
@@ -488,6 +502,9 @@ def main(argv=None):
         print(table(result))
         print()
         report({k: v for k, v in result.items() if k not in ('figures', 'patches')}, False)
+        for key in ('decode', 'e2e'):
+            for d in result['figures'].get(key, {}).get('different_captions', []):
+                print(f"{key + ' differs':>24}: {d['image']}: tutorial '{d['tutorial']}' / ours '{d['ours']}'")
         print(f"{'patches':>24}: " + '; '.join(f"{p['file']}: {p['why']}" for p in result['patches']))
     return 0
 

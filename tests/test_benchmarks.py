@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -54,3 +55,39 @@ def test_benchmarks_take_every_decoder():
         r = bench('bench_infer.py', '--encoder', 'resnet18', '--decoder', name, '--vocab-size', '30',
                   '--batch-sizes', '2', '--beam-sizes', '2', '--max-len', '3', '--repeats', '1')
         assert name in r['model'] and r['results'][0]['decode_steps'] >= 1
+
+
+def _bench_tutorial():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('bench_tutorial', os.path.join(REPO, 'benchmarks', 'bench_tutorial.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_tutorial_patch_helper_replaces_exactly_once_or_says_why():
+    bt = _bench_tutorial()
+    src = 'a = 1\nprev = top / vocab\n# Read\nx = 1\ny = 2\nz = enc(x)\nend = 3\n'
+    assert bt.apply_patch(src, bt.Patch('f.py', 'top / vocab', 'top // vocab', 'why')) == src.replace('/', '//')
+    cut = bt.apply_patch(src, bt.Patch('f.py', '# Read\n', 'z = x\n', 'why', until='z = enc(x)\n'))
+    assert cut == 'a = 1\nprev = top / vocab\nz = x\nend = 3\n'
+    for bad in (bt.Patch('f.py', 'missing', '', 'the reason'), bt.Patch('f.py', '= ', '', 'the reason'),
+                bt.Patch('f.py', '# Read\n', '', 'the reason', until='not there')):
+        with pytest.raises(bt.PatchError, match=r'f\.py: (not found|found \d+ times).*the reason'):
+            bt.apply_patch(src, bad)
+
+
+def test_bench_tutorial_one_round_against_the_tutorials_code():
+    """Needs a checkout of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning in $TUTORIAL_REPO (no network here)."""
+    repo = os.environ.get('TUTORIAL_REPO')
+    if not repo:
+        pytest.skip('set TUTORIAL_REPO to a checkout of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning')
+    r = bench('bench_tutorial.py', '--tutorial-repo', repo, '--rounds', '1', '--num-images', '2', '--batch-size', '2',
+              '--train-batch', '2', '--train-steps', '1')
+    f = r['figures']
+    assert f['train']['tutorial_captions_per_s'] > 0 and f['train']['ours_captions_per_s'] > 0
+    for key in ('decode', 'e2e'):
+        assert f[key]['images'] == 2 and f[key]['tutorial_ms_per_image'] > 0 and f[key]['ours_batch1_ms_per_image'] > 0
+        assert 0 <= f[key]['identical_tutorial_vs_ours'] <= 2
+    assert f['decode']['identical_ours_batch1_vs_batched'] == 2
+    assert any('//' in p['with'] for p in r['patches']) and {'torch', 'threads', 'device'} <= set(r)
