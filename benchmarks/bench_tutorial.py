@@ -61,13 +61,15 @@ else the run stops with an error naming it; the JSON lists the ones applied):
   - caption.py, utils.py: `from scipy.misc import imread, imresize` -> this file's
     scipy_misc_imread / scipy_misc_imresize, the same PIL calls SciPy 1.1 made (scipy.misc lost
     them in SciPy 1.2/1.3).
-  - caption.py: `top_k_words / vocab_size` -> `top_k_words // vocab_size`: true division of
-    integer tensors gives floats since PyTorch 1.5, and floats cannot index; floor division is
-    what it computed on the PyTorch it was written for.
+  - caption.py: `top_k_words / vocab_size` -> `top_k_words // vocab_size`: `/` of integer
+    tensors no longer floors since PyTorch 1.5 (it now gives floats, which cannot index); floor
+    division is what it computed on the PyTorch it was written for.
   - caption.py, decode figure only: the image reading and encoding lines cut (see 2).
   - caption.py, e2e figure only: `(256, 256)`, `mean=[0.485, 0.456, 0.406]` and
     `std=[0.229, 0.224, 0.225]` set to the checkpoint encoder's size, mean and std (see 3).
-models.py runs unpatched.
+models.py runs unpatched. train.py is not executed; its step is transcribed with `.data` (see 1),
+listed in the JSON's patches too.
+The JSON also lists, in words, the first images whose captions differ between the tutorial and us.
 """
 import argparse
 import collections
@@ -163,9 +165,16 @@ CAPTION_PATCHES = [
           'matplotlib and scikit-image are only used by visualize_att, which is not run'),
     SCIPY_MISC._replace(file='caption.py'),
     Patch('caption.py', 'top_k_words / vocab_size', 'top_k_words // vocab_size',
-          'integer / integer gives float tensors since PyTorch 1.5, which cannot index: floor division, '
-          'what it computed on the PyTorch it was written for'),
+          'integer / integer no longer floors since PyTorch 1.5 (today it gives floats, which cannot index): '
+          'floor division, what it computed on the PyTorch it was written for'),
 ]
+# Not a patch to executed code: train.py is not run (it imports nltk and runs whole epochs with
+# printing); train_figure transcribes its step, and this is the one line written differently.
+TRAIN_TRANSCRIPTION = Patch('train.py', 'scores, _ = pack_padded_sequence(scores, decode_lengths, batch_first=True)',
+                            'scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data',
+                            'train figure: train()\'s step transcribed, not executed; unpacking a PackedSequence '
+                            'into two fails since PyTorch 1.1 (it has four fields): .data is what it meant '
+                            '(the same for targets)')
 UTILS_PATCHES = [SCIPY_MISC._replace(file='utils.py')]
 DECODE_ONLY = Patch('caption.py', '    # Read image and process\n',
                     '    encoder_out = image_path  # bench_tutorial.py: precomputed features [1, g, g, C]\n',
@@ -460,6 +469,7 @@ def main(argv=None):
         model = (encoder, decoder, word_map)
     try:
         tut, applied = load_tutorial(args.tutorial_repo, transform, need_captioning)
+        applied += [TRAIN_TRANSCRIPTION] if 'train' in args.figures else []
     except (PatchError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
