@@ -11,7 +11,6 @@ generated captions, unlike the teacher-forced numbers some tutorials report.
 """
 import argparse
 import os
-import pickle
 import sys
 import time
 
@@ -77,8 +76,7 @@ def split_images(args):
         paths, refs = [r.path for r in records], [r.raws for r in records]
     else:
         name = args.data_name or utils.find_data_name(args.data_folder)
-        with open(os.path.join(args.data_folder, f'{split}_paths_{name}.pkl'), 'rb') as f:
-            paths = pickle.load(f)
+        paths = datasets.read_paths_pickle(os.path.join(args.data_folder, f'{split}_paths_{name}.pkl'))
         refs = utils.read_json(os.path.join(args.data_folder, f'{split}_REFS_{name}.json'), 'references file')
     if not paths:
         raise ValueError(f'split {split} has no images')

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import io
 import os
 import pickle
 import random
@@ -493,6 +494,55 @@ def print_summary(summary, output_folder):
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading prepared files: nothing read from a file may run code.
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Builds only pickle's own data types (list, str, int, ...): any class or function that a
+    pickle names (the way `__reduce__` payloads run code) is refused."""
+
+    def find_class(self, module, name):
+        raise _Refused(f'it names {module}.{name}, and only a list of path strings is allowed')
+
+
+def read_paths_pickle(path):
+    """A prepared {SPLIT}_paths_*.pkl -> list of str, read without running anything the file names.
+    Anything else (code, other types, a truncated or empty file) raises ValueError naming the file."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f'image paths file not found: {path} (run 00_create_input_files.py)') from None
+    try:
+        paths = _DataOnlyUnpickler(io.BytesIO(data)).load()
+    except _Refused as e:
+        raise ValueError(f'{path}: refused: not a plain image-path pickle ({e})') from None
+    except Exception as e:  # noqa: BLE001 - truncated/garbled pickles fail in many ways; one line for all
+        raise ValueError(f'{path}: not a readable image-path pickle (truncated or damaged: '
+                         f'{e.__class__.__name__}); re-run 00_create_input_files.py') from None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        got = type(paths).__name__ if not isinstance(paths, list) else 'a list holding non-strings'
+        raise ValueError(f'{path}: refused: expected a list of image path strings, got {got}')
+    return paths
+
+
+def _id_table(path, what, ndim):
+    """A prepared JSON file of token ids (ndim 2) or lengths (ndim 1) -> long tensor, or ValueError."""
+    data = read_json(path, what)
+    try:
+        table = torch.tensor(data, dtype=torch.long)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        table = None
+    if table is None or table.dim() != ndim or (ndim == 1 and not isinstance(data, list)):
+        raise ValueError(f'{path}: expected {"rows of integer token ids" if ndim == 2 else "a list of integers"} '
+                         f'({what} of 00_create_input_files.py)')
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # Datasets over prepared files
 
 class CaptionDataset(Dataset):
@@ -516,10 +566,9 @@ class CaptionDataset(Dataset):
         self.split, self.transform, self.per_image, self.features = split, transform, per_image, features
         self.data_folder, self.data_name = data_folder, data_name
         f = lambda kind, ext: os.path.join(data_folder, f'{split}_{kind}_{data_name}.{ext}')  # noqa: E731
-        self.captions = torch.tensor(read_json(f('CAPTIONS', 'json'), 'captions file'), dtype=torch.long)
-        self.caplens = torch.tensor(read_json(f('CAPLENS', 'json'), 'caption lengths file'), dtype=torch.long)
-        with open(f('paths', 'pkl'), 'rb') as fh:
-            self.paths = pickle.load(fh)
+        self.paths = read_paths_pickle(f('paths', 'pkl'))
+        self.captions = _id_table(f('CAPTIONS', 'json'), 'captions file', 2)
+        self.caplens = _id_table(f('CAPLENS', 'json'), 'caption lengths file', 1)
         self.refs_path = f('REFS', 'json')
         if len(self.paths) == 0 or len(self.captions) % len(self.paths) or len(self.captions) != len(self.caplens):
             raise ValueError(f'{data_folder}: {split} files of {data_name} disagree: {len(self.paths)} images, '
