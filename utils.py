@@ -11,6 +11,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -107,19 +108,47 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True)."""
+    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True).
+
+    Anything else (empty, truncated, text, pickled objects) raises ValueError with one line that
+    names the file and says what it is."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about pickle protocols of hostile files
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f'{path}: cannot be loaded as a checkpoint of this suite ({e.__class__.__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""}). Tutorial .pth.tar files pickle whole '
-                         'modules: load one with the tutorial\'s code and save decoder.state_dict(), whose '
-                         'parameter names DecoderWithAttention.load_state_dict accepts.') from None
+        raise ValueError(f'{path}: {_checkpoint_problem(path, e)}') from None
     if not isinstance(ckpt, dict) or 'decoder' not in ckpt or 'config' not in ckpt:
         raise ValueError(f'{path}: not a checkpoint of this suite (expected keys "config" and "decoder")')
     return ckpt
+
+
+_CONTROL_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]')
+
+
+def _checkpoint_problem(path, error):
+    """Why torch.load failed on `path`, in words (one line, no terminal control codes)."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    message = _CONTROL_RE.sub(' ', str(error))
+    if size == 0:
+        return 'empty file (0 bytes): not a checkpoint; was its writing interrupted?'
+    refused = re.search(r'GLOBAL ([\w.]+)', message)
+    if refused:   # a pickle that names classes/functions: code would run to rebuild them
+        name = refused.group(1)
+        hint = (" This looks like a tutorial .pth.tar (those pickle whole modules): load it with the tutorial's "
+                "code and save decoder.state_dict(), whose parameter names DecoderWithAttention.load_state_dict "
+                "accepts." if re.search(r'DecoderWithAttention|Encoder|models\.', name) else '')
+        return f'refused: it pickles {name}, and only tensors and plain data are loaded (no code runs).{hint}'
+    if head.startswith(b'PK'):
+        return (f'truncated or damaged checkpoint ({format_size(size)}; its zip archive is incomplete): '
+                'was its writing interrupted? Use another checkpoint')
+    if head[:1] == b'\x80':
+        return f'truncated, damaged or not a tensor checkpoint ({format_size(size)} pickle that torch cannot read)'
+    return f'not a checkpoint file ({format_size(size)} of text or another format)'
 
 
 def half_state_dict(state_dict):

@@ -1,13 +1,16 @@
 """Issue 13: faults and hostile input end in one clear line; nothing read runs code; nothing is lost."""
 import os
 import pickle
+import re
 import shutil
 
 import pytest
+import torch
 
 from conftest import TINY_MODEL, script
 
 import datasets
+import utils
 
 train = script('01_train')
 infer = script('02_inference')
@@ -85,3 +88,33 @@ def test_prepared_json_of_the_wrong_shape_is_one_line(data_copy, kind, content):
     with pytest.raises(ValueError) as e:
         datasets.CaptionDataset(str(folder), name, 'VAL')
     assert f'VAL_{kind}_{name}.json' in str(e.value)
+
+
+class DecoderWithAttention(torch.nn.Module):
+    """Stands in for the tutorial's pickled decoder module."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize('kind', ['empty', 'truncated', 'text', 'ansi', 'system', 'tutorial'])
+def test_checkpoint_load_errors_are_one_plain_line(tmp_path, kind):
+    path = tmp_path / 'bad.pt'
+    good = tmp_path / 'good.pt'
+    torch.save({'config': {}, 'decoder': {'w': torch.zeros(500)}}, good)
+    content = {'empty': b'', 'truncated': good.read_bytes()[:700], 'text': b'just some text\n',
+               'ansi': b'\x1b[31mred\x1b[0m\n', 'system': pickle.dumps(_RunsShell(tmp_path / 'pwned'), protocol=2)}
+    if kind == 'tutorial':
+        torch.save({'decoder': DecoderWithAttention()}, path)
+    else:
+        path.write_bytes(content[kind])
+    with pytest.raises(ValueError) as e:
+        utils.load_checkpoint(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f'{path}: ') and '\n' not in msg and '\x1b' not in msg
+    assert not re.search(r'EOFError|IndexError|KeyError|pop from empty', msg)
+    assert ('tutorial' in msg) == (kind == 'tutorial')
+    assert {'empty': 'empty file', 'truncated': 'truncated', 'text': 'not a checkpoint', 'ansi': 'not a checkpoint',
+            'system': 'refused: it pickles posix.system', 'tutorial': 'refused'}[kind] in msg
+    assert not (tmp_path / 'pwned').exists()
