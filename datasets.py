@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, state_dict_digest, tokenize,
-                   write_json)
+from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, remove_stale_temp, state_dict_digest,
+                   tokenize, write_json)
 
 SPLITS = ('TRAIN', 'VAL', 'TEST')
 SPLIT_NAMES = {'train': 'TRAIN', 'restval': 'TRAIN', 'val': 'VAL', 'test': 'TEST'}
@@ -405,7 +405,8 @@ def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_w
         raise ValueError('no TRAIN images left: check the split names of the source and --max-len')
     word_map = build_word_map([t for _, toks in kept['TRAIN'] for t in toks], min_word_freq)
 
-    staging = tempfile.mkdtemp(prefix='.staging-', dir=output_folder)
+    remove_stale_temp(output_folder)   # what a killed earlier run left (its pid is in the name)
+    staging = tempfile.mkdtemp(prefix=f'.staging-{os.getpid()}-', dir=output_folder)
     try:
         rng = random.Random(seed)
         for split in SPLITS:

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import warnings
 
@@ -55,10 +56,13 @@ def find_data_name(data_folder):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; on success it is renamed over `path`, on error removed."""
+    """Yield a temporary path next to `path`; on success it is renamed over `path`, on error removed.
+
+    The temporary name holds this process's id ('.NAME.PID.XXXX.tmp'), so that one left by a killed
+    process can be told from one still being written (remove_stale_temp)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.{os.getpid()}.', suffix='.tmp', dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -68,6 +72,38 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+_TEMP_RE = re.compile(r'^\.(?:.+\.(\d+)\.[^.]+\.tmp|staging-(\d+)-.+)$')
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp(folder):
+    """Remove the temporary files ('.NAME.PID.XXXX.tmp') and staging folders ('.staging-PID-XXXX')
+    that killed processes left in `folder`; those of live processes stay. Returns the bytes freed."""
+    freed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            m = _TEMP_RE.match(entry.name)
+            if not m or pid_alive(int(m.group(1) or m.group(2))):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    freed += sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(entry.path) for f in fs)
+                    shutil.rmtree(entry.path)
+                else:
+                    freed += entry.stat(follow_symlinks=False).st_size
+                    os.remove(entry.path)
+    return freed
 
 
 def _umask():
@@ -283,3 +319,26 @@ def format_size(num_bytes):
         if num_bytes < 1024 or unit == 'TB':
             return f'{num_bytes:.1f} {unit}' if unit != 'B' else f'{num_bytes} B'
         num_bytes /= 1024
+
+
+def truncate_jsonl(path, keep):
+    """Rewrite a JSON-lines log keeping the records for which keep(record) is true (atomically;
+    a torn last line, as a kill leaves, is dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept, changed = [], False
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                changed = True
+                continue
+            if keep(record):
+                kept.append(line if line.endswith('\n') else line + '\n')
+            else:
+                changed = True
+    if changed:
+        with atomic_path(path) as tmp:
+            with open(tmp, 'w', encoding='utf-8') as f:
+                f.writelines(kept)

@@ -1,13 +1,17 @@
 """Issue 13: faults and hostile input end in one clear line; nothing read runs code; nothing is lost."""
+import json
 import os
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL, script
+from conftest import REPO, TINY_MODEL, script
 
 import datasets
 import utils
@@ -118,3 +122,96 @@ def test_checkpoint_load_errors_are_one_plain_line(tmp_path, kind):
     assert {'empty': 'empty file', 'truncated': 'truncated', 'text': 'not a checkpoint', 'ansi': 'not a checkpoint',
             'system': 'refused: it pickles posix.system', 'tutorial': 'refused'}[kind] in msg
     assert not (tmp_path / 'pwned').exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 01_train.py: flags, run folders, leftovers, Ctrl-C, resume
+
+def train_args(folder, out, *extra):
+    return ['--data-folder', folder, '--out-dir', str(out), '--batch-size', '20', *TINY_MODEL, *map(str, extra)]
+
+
+@pytest.mark.parametrize('flag, value', [('--val-beam-size', '0'), ('--batch-size', '0'), ('--epochs', '0'),
+                                         ('--workers', '-1'), ('--dropout', '1.5'), ('--decoder-lr', '0')])
+def test_train_flags_are_range_checked_before_any_work(synth_data, tmp_path, capsys, flag, value):
+    folder, _ = synth_data
+    out = tmp_path / 'run'
+    assert train.main(train_args(folder, out, flag, value)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f'error: {flag} ') and ': must be' in line
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_a_new_run_never_replaces_a_run_folder_with_a_checkpoint(synth_data, tmp_path, capsys):
+    folder, name = synth_data
+    out = tmp_path / 'run'
+    out.mkdir()
+    old = out / f'checkpoint_{name}.pt'
+    old.write_bytes(b'the interrupted run')
+    assert train.main(train_args(folder, out, '--max-steps', '1')) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f'--resume {old}' in line and '--overwrite' in line
+    assert old.read_bytes() == b'the interrupted run'
+    (out / 'metrics.jsonl').write_text('{"epoch": 7}\n')
+    assert train.main(train_args(folder, out, '--max-steps', '1', '--overwrite')) == 0
+    assert utils.load_checkpoint(str(old))['step'] == 1
+    assert not (out / 'metrics.jsonl').exists()           # the old run's log went with it
+
+
+def kill_inside_atomic_write(folder, name):
+    """A subprocess that starts an atomic write of folder/name and is killed (SIGKILL) in the middle."""
+    code = ('import os, signal, sys; sys.path.insert(0, %r); import utils\n'
+            'with utils.atomic_path(%r) as tmp:\n'
+            '    open(tmp, "wb").write(b"x" * 100000)\n'
+            '    os.kill(os.getpid(), signal.SIGKILL)\n') % (REPO, str(folder / name))
+    proc = subprocess.run([sys.executable, '-c', code])
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_the_next_run_removes_what_a_killed_checkpoint_write_left(synth_data, tmp_path, capsys):
+    folder, name = synth_data
+    out = tmp_path / 'run'
+    out.mkdir()
+    kill_inside_atomic_write(out, f'checkpoint_{name}.pt')
+    left = list(out.glob('.checkpoint_*.tmp'))
+    assert len(left) == 1 and left[0].stat().st_size == 100000
+    with utils.atomic_path(str(out / 'other.pt')) as live:   # a write still under way (this process) stays
+        open(live, 'wb').close()
+        assert train.main(train_args(folder, out, '--max-steps', '1')) == 0
+        assert os.path.exists(live)
+    assert not left[0].exists()
+    assert 'removed 97.7 KB of temporary files left by a killed run' in capsys.readouterr().out
+
+
+def test_ctrl_c_message_comes_from_the_main_process_only(capfd):
+    with train.Stopper() as stopper:
+        pid = os.fork()
+        if pid == 0:                           # as a forked DataLoader worker: inherits the handler
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(3 if stopper.requested else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert 'Ctrl-C' not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)    # the main process: one message
+        assert stopper.requested
+    assert capfd.readouterr().err.count('Ctrl-C: saving') == 1
+
+
+def test_resume_shows_the_epochs_position_and_whole_epoch_loss(synth_data, tmp_path, capsys):
+    folder, name = synth_data
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    assert train.main(train_args(folder, full, '--epochs', '1')) == 0
+    assert train.main(train_args(folder, part, '--epochs', '1', '--max-steps', '3')) == 0
+    ckpt = part / f'checkpoint_{name}.pt'
+    at_3 = tmp_path / 'at_step_3.pt'
+    shutil.copy(ckpt, at_3)
+    assert train.main(['--resume', str(ckpt), '--max-steps', '2']) == 0      # logs steps 4, 5 ...
+    shutil.copy(at_3, ckpt)                                                  # ... then a kill -9 loses them
+    capsys.readouterr()
+    assert train.main(['--resume', str(ckpt), '--max-steps', '0']) == 0
+    printed = capsys.readouterr().out
+    assert 'epoch 0 step 4/12:' in printed and 'step 1/' not in printed
+    steps = [json.loads(line)['step'] for line in open(part / 'steps.jsonl')]
+    assert steps == list(range(1, 13))                                       # no step logged twice
+    metrics = [json.loads(open(d / 'metrics.jsonl').readline()) for d in (full, part)]
+    assert metrics[0]['train_loss'] == metrics[1]['train_loss']              # the whole epoch's loss
