@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, remove_stale_temp, state_dict_digest,
@@ -240,6 +239,8 @@ class ImageTransform:
     """The one image transform: PIL image or uint8 tensor [3, H, W] -> normalised float [3, S, S].
 
     `size`, `mean` and `std` come from the encoder's weights (models.Encoder.transform_config()).
+    Plain torch ops with the numerics of torchvision's v2 pil_to_tensor / resize(antialias=True) /
+    normalize (tests compare them), so captioning does not import torchvision (1.3 s).
     """
 
     def __init__(self, size, mean, std):
@@ -249,25 +250,45 @@ class ImageTransform:
         if isinstance(img, Image.Image):
             if img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.BILINEAR)
-            img = TF.pil_to_tensor(img)                                   # uint8 [3, S, S]
+            img = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)   # uint8 [3, S, S]
         elif img.shape[-2:] != (self.size, self.size):
-            img = TF.resize(img, [self.size, self.size], antialias=True)
-        return TF.normalize(img.float().div_(255.0), self.mean, self.std)
+            # uint8 in, uint8 out, as torchvision resizes uint8 tensors (its AVX path rounds the same way)
+            img = torch.nn.functional.interpolate(img.unsqueeze(0), size=[self.size, self.size], mode='bilinear',
+                                                  align_corners=False, antialias=True).squeeze(0)
+        x = img.float().div_(255.0)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
 
     def __repr__(self):
         return f'ImageTransform(size={self.size}, mean={self.mean}, std={self.std})'
 
 
-def list_images(path):
-    """A file -> [file]; a folder -> every jpg/jpeg/png/bmp/webp below it (any letter case), sorted."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f'no such image file or folder: {path}')
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+def list_images(paths):
+    """Image files from a file, a folder or a list of both, in the order given (folders: every
+    jpg/jpeg/png/bmp/webp below them, any letter case, sorted; each file once).
+
+    Only regular files are listed: a FIFO or device named .jpg would block the reader forever. A
+    path given explicitly that is missing or not a regular file raises."""
+    found, seen = [], set()
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            files = []
+            for root, dirs, names in os.walk(path):   # does not follow symlinked folders: no loops
+                dirs.sort()
+                files += [os.path.join(root, f) for f in sorted(names)
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
+        elif os.path.isfile(path):
+            files = [path]
+        elif os.path.exists(path):
+            raise ValueError(f'{path}: not a regular file or folder (a FIFO, socket or device cannot be captioned)')
+        else:
+            raise FileNotFoundError(f'no such image file or folder: {path}')
+        for f in files:
+            if f not in seen:
+                seen.add(f)
+                found.append(f)
     return found
 
 

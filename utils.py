@@ -4,6 +4,7 @@ meters and the distributed (torchrun) plumbing.
 Nothing here does work at import time.
 """
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -342,3 +343,45 @@ def truncate_jsonl(path, keep):
         with atomic_path(path) as tmp:
             with open(tmp, 'w', encoding='utf-8') as f:
                 f.writelines(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults of the file system, as one line each
+
+_DISK_ERRNOS = {errno.ENOSPC: 'the disk is full', errno.EFBIG: 'the file-size limit was reached',
+                errno.EROFS: 'the file system is read-only', errno.EDQUOT: 'the disk quota is used up',
+                errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
+
+
+def describe_error(error):
+    """One line for an exception: for file-system faults, what failed, where, and (disk full) the free space."""
+    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+        where = error.filename or ''
+        if where and os.path.basename(where).startswith('.') and where.endswith('.tmp'):
+            where = os.path.dirname(where) or '.'   # a temporary name means nothing to the user: its folder
+        text = f'cannot write {where}: {_DISK_ERRNOS[error.errno]} ({error.strerror})' if where else \
+            f'{_DISK_ERRNOS[error.errno]} ({error.strerror})'
+        if error.errno == errno.ENOSPC and where:
+            with contextlib.suppress(OSError):
+                text += f'; {format_size(shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free)} free there'
+        return text
+    return _CONTROL_RE.sub(' ', str(error)).strip() or error.__class__.__name__
+
+
+def check_writable_folder(folder, what='output folder'):
+    """Create `folder` if needed and make sure a file can be written in it (ValueError if not)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f'.write-check.{os.getpid()}.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f'{what} {folder}: cannot write there ({e.strerror})') from None
+
+
+def check_free_space(folder, needed, what):
+    """OSError(ENOSPC) naming the needed and available bytes when `folder`'s disk cannot hold `needed` more."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f'{what} needs {format_size(needed)} ({needed} bytes) but only '
+                      f'{format_size(free)} ({free} bytes) are free in {folder}')

@@ -3,12 +3,15 @@ import json
 import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from conftest import REPO, TINY_MODEL, script
@@ -215,3 +218,131 @@ def test_resume_shows_the_epochs_position_and_whole_epoch_loss(synth_data, tmp_p
     assert steps == list(range(1, 13))                                       # no step logged twice
     metrics = [json.loads(open(d / 'metrics.jsonl').readline()) for d in (full, part)]
     assert metrics[0]['train_loss'] == metrics[1]['train_loss']              # the whole epoch's loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: the transform without torchvision, regular files only, several paths
+
+def torchvision_transform(img, size, mean, std):
+    """The torchvision v2 transform datasets.ImageTransform used before (the reference)."""
+    from torchvision.transforms.v2 import functional as TF
+    if isinstance(img, Image.Image):
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        img = TF.pil_to_tensor(img)
+    elif img.shape[-2:] != (size, size):
+        img = TF.resize(img, [size, size], antialias=True)
+    return TF.normalize(img.float().div_(255.0), mean, std)
+
+
+@pytest.mark.parametrize('shape', [(3, 64, 64), (3, 300, 217), (3, 40, 90), (3, 7, 5), (3, 224, 224)])
+def test_image_transform_matches_torchvision_exactly(shape):
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    t = datasets.ImageTransform(64, mean, std)
+    g = torch.Generator().manual_seed(shape[1] * shape[2])
+    tensor = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    pil = Image.fromarray(tensor.permute(1, 2, 0).numpy())
+    for img in (tensor, pil):
+        assert torch.equal(t(img), torchvision_transform(img, 64, mean, std))
+
+
+def test_captioning_does_not_import_torchvision():
+    code = ('import sys; sys.path.insert(0, %r); import caption, datasets, utils; import importlib\n'
+            'importlib.import_module("02_inference")\n'
+            'print("torchvision" in sys.modules)') % REPO
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == 'False'
+
+
+def test_list_images_takes_several_paths_and_only_regular_files(tmp_path):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.jpg')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'b.png')
+    (tmp_path / 'sub').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'sub' / 'c.jpg')
+    os.mkfifo(tmp_path / 'sub' / 'pipe.jpg')
+    (tmp_path / 'sub' / 'loop').symlink_to(tmp_path / 'sub')
+    got = datasets.list_images([str(tmp_path / 'b.png'), str(tmp_path / 'sub'), str(tmp_path / 'a.jpg'),
+                                str(tmp_path / 'sub' / 'c.jpg')])
+    assert got == [str(tmp_path / 'b.png'), str(tmp_path / 'sub' / 'c.jpg'), str(tmp_path / 'a.jpg')]
+    with pytest.raises(ValueError, match='pipe.jpg: not a regular file'):
+        datasets.list_images(str(tmp_path / 'sub' / 'pipe.jpg'))
+
+
+# ----------------------------------------------------------------------------------------------
+# 02_inference.py
+
+def photos(folder, n=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    for i in range(n):
+        Image.fromarray(rng.randint(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f'p{i}.jpg')
+    return folder
+
+
+def test_inference_takes_several_files_and_folders(tiny_checkpoint, tmp_path):
+    a, b = photos(tmp_path / 'a'), photos(tmp_path / 'b', 3)
+    out = tmp_path / 'out'
+    assert infer.main(['--img', str(a / 'p0.jpg'), str(a / 'p1.jpg'), str(b), '--checkpoint', tiny_checkpoint,
+                       '--out', str(out)]) == 0
+    rows = json.load(open(out / 'captions.json'))
+    assert [r['image'] for r in rows] == [str(a / 'p0.jpg'), str(a / 'p1.jpg')] + [str(b / f'p{i}.jpg') for i in range(3)]
+
+
+@pytest.mark.parametrize('flag, value', [('--beam-size', '0'), ('--beam-size', '-1'), ('--batch-size', '0'),
+                                         ('--max-len', '0'), ('--workers', '-1')])
+def test_inference_flags_are_range_checked(tiny_checkpoint, tmp_path, capsys, flag, value):
+    rc = infer.main(['--img', str(photos(tmp_path / 'a')), '--checkpoint', tiny_checkpoint,
+                     '--out', str(tmp_path / 'out'), flag, value])
+    assert rc == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f'error: {flag} {value}: must be')
+
+
+def test_inference_checks_the_output_place_before_captioning(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / 'a_file').write_text('')
+    monkeypatch.setattr(infer.caption, 'caption_paths', lambda *a, **k: pytest.fail('captioned first'))
+    rc = infer.main(['--img', str(photos(tmp_path / 'a')), '--checkpoint', tiny_checkpoint,
+                     '--out', str(tmp_path / 'a_file' / 'out')])
+    assert rc == 1
+    assert 'cannot write there' in one_error_line(capsys.readouterr().err)
+
+
+def test_a_fifo_named_jpg_does_not_hang_inference(tiny_checkpoint, tmp_path):
+    folder = photos(tmp_path / 'a')
+    os.mkfifo(folder / 'pipe.jpg')
+    out = tmp_path / 'out'
+    cmd = [sys.executable, os.path.join(REPO, '02_inference.py'), '--img', str(folder), '--checkpoint',
+           tiny_checkpoint, '--out', str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(json.load(open(out / 'captions.json'))) == 2
+
+
+def test_a_folder_of_only_bad_files_exits_nonzero(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / 'bad'
+    folder.mkdir()
+    (folder / 'x.jpg').write_bytes(b'not a jpeg')
+    (folder / 'y.png').write_bytes(b'')
+    assert infer.main(['--img', str(folder), '--checkpoint', tiny_checkpoint, '--out', str(tmp_path / 'out')]) == 1
+    err = capsys.readouterr().err
+    assert 'error: none of the 2 image(s) could be decoded' in err and 'Traceback' not in err
+    assert not (tmp_path / 'out' / 'captions.json').exists()
+
+
+def limited_run(cmd, max_bytes):
+    """Run cmd with RLIMIT_FSIZE (files cannot grow past max_bytes: a full disk, as a process sees it)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
+def test_a_full_disk_during_inference_is_one_line_after_the_summary(tiny_checkpoint, tmp_path):
+    out = tmp_path / 'out'
+    cmd = [sys.executable, os.path.join(REPO, '02_inference.py'), '--img', str(photos(tmp_path / 'a')),
+           '--checkpoint', tiny_checkpoint, '--out', str(out), '--visualize']
+    done = limited_run(cmd, 4096)                 # captions fit, attention figures do not
+    assert done.returncode == 1
+    assert '2 image(s) captioned' in done.stdout
+    line = one_error_line(done.stderr)
+    assert 'the file-size limit was reached' in line and '0 attention figure(s) written' in line
+    assert len(json.load(open(out / 'captions.json'))) == 2
+    assert sorted(os.listdir(out)) == ['captions.csv', 'captions.json']   # no partial figure or temp file
