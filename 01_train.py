@@ -292,10 +292,14 @@ def main(argv=None):
     try:
         try:
             trainer = Trainer(argv, rank, world, device)
-        except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:   # setup: data, extras, weights
-            print(f'error: {e}', file=sys.stderr)
+        except (OSError, ImportError, ValueError, RuntimeError) as e:   # setup: data, extras, weights, disk
+            print(f'error: {utils.describe_error(e)}', file=sys.stderr)
             return 1
-        return trainer.run()
+        try:
+            return trainer.run()
+        except OSError as e:   # a full disk, a file-size limit, a read-only run folder: one line
+            print(f'error: {utils.describe_error(e)}', file=sys.stderr)
+            return 1
     finally:
         utils.cleanup_distributed()
 

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -23,6 +24,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -30,8 +32,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, remove_stale_temp, state_dict_digest,
-                   tokenize, write_json)
+from utils import (SPECIAL_TOKENS, atomic_path, check_free_space, data_base_name, read_json, remove_stale_temp,
+                   state_dict_digest, tokenize, write_json)
 
 SPLITS = ('TRAIN', 'VAL', 'TEST')
 SPLIT_NAMES = {'train': 'TRAIN', 'restval': 'TRAIN', 'val': 'VAL', 'test': 'TEST'}
@@ -689,28 +691,61 @@ def feature_cache_path(dataset, encoder):
                         f'{dataset.split}_FEATURES_{dataset.data_name}_{encoder.name}_{encoder.image_size}px_{h}.npy')
 
 
+PROGRESS_SECONDS = 15   # without a terminal (logs, nohup), a progress line at most this often
+
+
 @torch.inference_mode()
 def build_feature_cache(encoder, dataset, path, device, batch_size=32, workers=0, progress=True):
     """Run the (frozen, eval-mode) `encoder` once over every image of `dataset` (per-image
-    CaptionDataset over images) and store its native feature maps as fp16 [N, C, h, w] at `path`."""
+    CaptionDataset over images) and store its native feature maps as fp16 [N, C, h, w] at `path`.
+
+    The file's size is known after the first batch: it is checked against the free disk space and
+    allocated at once, so a full disk is an OSError naming both sizes (not a Bus error from a
+    sparse memory map later). Any failure removes the partial file; one a killed run left is
+    removed by the next."""
     from torch.utils.data import DataLoader
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temp(folder)
     loader = DataLoader(_Images(dataset), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == 'cuda', generator=torch.Generator())  # leaves the global RNG alone
     encoder.eval()
-    out = None
+    out, n = None, dataset.num_images
+    desc = f'caching {dataset.split} features'
+    bar = tqdm(loader, desc=desc, unit='batch', disable=None if progress else True, leave=False)
+    plain = progress and bar.disable   # not a terminal: tqdm is silent, so print plain lines
+    start = last = time.time()
     with atomic_path(path) as tmp:
         i = 0
-        for images in tqdm(loader, desc=f'caching {dataset.split} features', unit='batch',
-                           disable=None if progress else True, leave=False):
+        for images in bar:
             feats = encoder.features(images.to(device, non_blocking=True))   # [B, C, h, w]
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16,
-                                                shape=(len(dataset.paths), *feats.shape[1:]))
+                shape = (n, *feats.shape[1:])
+                check_free_space(folder, int(np.prod(shape)) * 2 + 4096, f'the {dataset.split} feature cache')
+                try:
+                    out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
+                    _allocate(tmp)
+                except OSError as e:   # numpy's own errors name no file
+                    raise OSError(e.errno, e.strerror, path) from None
             out[i:i + len(feats)] = feats.half().cpu().numpy()
             i += len(feats)
+            if plain and (time.time() - last >= PROGRESS_SECONDS or i == n):
+                last = time.time()
+                print(f'{desc}: {i}/{n} images ({100 * i // max(n, 1)}%), {last - start:.0f} s', flush=True)
         out.flush()
         del out                                        # closed; renamed to `path` when the block exits
     return FeatureCache(path)
+
+
+def _allocate(path):
+    """Give a (sparse) file its blocks now: ENOSPC here instead of SIGBUS on a memory-mapped write."""
+    with open(path, 'r+b') as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # file system without it
+                return
+            raise OSError(e.errno, e.strerror, path) from None
 
 
 class _Images(Dataset):

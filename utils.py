@@ -141,7 +141,14 @@ def append_jsonl(path, record):
 
 def save_checkpoint(path, state):
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            with open(tmp, 'wb') as f:   # a Python file: torch's writer then keeps the OSError of a failed write
+                torch.save(state, f)
+        except RuntimeError as e:        # torch reports a full disk as 'unexpected pos': give the real cause
+            cause = e.__context__
+            if isinstance(cause, OSError) and cause.errno:
+                raise OSError(cause.errno, cause.strerror, path) from None
+            raise
 
 
 def load_checkpoint(path, map_location='cpu'):

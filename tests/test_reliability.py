@@ -346,3 +346,36 @@ def test_a_full_disk_during_inference_is_one_line_after_the_summary(tiny_checkpo
     assert 'the file-size limit was reached' in line and '0 attention figure(s) written' in line
     assert len(json.load(open(out / 'captions.json'))) == 2
     assert sorted(os.listdir(out)) == ['captions.csv', 'captions.json']   # no partial figure or temp file
+
+
+# ----------------------------------------------------------------------------------------------
+# Full disks and file-size limits in 01_train.py: the feature cache and checkpoints
+
+def test_feature_cache_larger_than_the_free_disk_fails_first_and_leaves_nothing(data_copy, tmp_path, capsys,
+                                                                                 monkeypatch):
+    folder, _ = data_copy
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: real(p)._replace(free=50000))
+    assert train.main(train_args(str(folder), tmp_path / 'run', '--max-steps', '1')) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert re.search(r'the TRAIN feature cache needs .* \(\d+ bytes\) but only 48\.8 KB \(50000 bytes\) are free', line)
+    assert os.listdir(folder / 'features') == []                       # no partial or hidden temporary file
+    monkeypatch.undo()
+    assert train.main(train_args(str(folder), tmp_path / 'run2', '--max-steps', '1')) == 0
+    printed = capsys.readouterr().out   # not a terminal: plain progress lines instead of silence
+    assert 'caching TRAIN features: 48/48 images (100%)' in printed
+
+
+@pytest.mark.parametrize('where', ['feature cache', 'checkpoint'])
+def test_a_file_size_limit_in_training_is_one_line_and_leaves_no_temp_file(data_copy, tmp_path, where):
+    folder, name = data_copy
+    out = tmp_path / 'run'
+    cmd = [sys.executable, os.path.join(REPO, '01_train.py'), *train_args(str(folder), out, '--max-steps', '1')]
+    if where == 'checkpoint':
+        cmd.append('--no-cache-features')
+    done = limited_run(cmd, 60000)   # the cache (196 KB) and the checkpoint (> 60 KB) cannot be written
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = one_error_line(done.stderr)
+    target = folder / 'features' / 'TRAIN_FEATURES_' if where == 'feature cache' else out / f'checkpoint_{name}.pt'
+    assert f'error: cannot write {target}' in line and 'the file-size limit was reached' in line
+    assert not [f for d in (out, folder / 'features') if d.exists() for f in os.listdir(d) if f.endswith('.tmp')]
