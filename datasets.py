@@ -452,7 +452,9 @@ def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_w
                            captions_per_image, workers)
         word_map_name = f'WORDMAP_{base}.json'
         write_json(os.path.join(staging, word_map_name), word_map)
-        # Publish: retire the old set's word map, move the new files in, the word map last.
+        # Publish: retire the old set's word map, move the new files in, the word map last. A kill
+        # in between leaves split files without a word map, which every reader reports as an
+        # incomplete set (check_complete_set), never as a dataset.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_folder, word_map_name))
         for split in SPLITS:   # an HDF5 file of an earlier --hdf5 run must not outlive its set
@@ -466,6 +468,31 @@ def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_w
         shutil.rmtree(staging, ignore_errors=True)
     summary['vocab_size'] = len(word_map)
     return summary
+
+
+def check_complete_set(data_folder, data_name):
+    """FileNotFoundError unless the word map that 00_create_input_files.py publishes last is there;
+    split files without it are a set whose publishing was interrupted."""
+    if os.path.exists(os.path.join(data_folder, f'WORDMAP_{data_name}.json')):
+        return
+    parts = [s for s in SPLITS for kind in ('CAPTIONS', 'paths')
+             if os.path.exists(os.path.join(data_folder, f"{s}_{kind}_{data_name}.{'pkl' if kind == 'paths' else 'json'}"))]
+    if parts:
+        raise FileNotFoundError(f'{data_folder}: incomplete set {data_name} (split files without '
+                                f'WORDMAP_{data_name}.json: 00_create_input_files.py was interrupted); re-run 00')
+    raise FileNotFoundError(f'{data_folder}: no prepared dataset {data_name} (no WORDMAP_{data_name}.json): '
+                            'run 00_create_input_files.py first, or check --data-folder/--data-name')
+
+
+def split_sizes(data_folder, data_name):
+    """{SPLIT: number of images} of a prepared set (a split whose file is missing or unreadable: 0)."""
+    sizes = {}
+    for split in SPLITS:
+        try:
+            sizes[split] = len(read_paths_pickle(os.path.join(data_folder, f'{split}_paths_{data_name}.pkl')))
+        except (OSError, ValueError):
+            sizes[split] = 0
+    return sizes
 
 
 def _write_split(folder, split, base, captions, caplens, paths, refs):
@@ -590,6 +617,7 @@ class CaptionDataset(Dataset):
         self.split, self.transform, self.per_image, self.features = split, transform, per_image, features
         self.data_folder, self.data_name = data_folder, data_name
         f = lambda kind, ext: os.path.join(data_folder, f'{split}_{kind}_{data_name}.{ext}')  # noqa: E731
+        check_complete_set(data_folder, data_name)
         self.paths = read_paths_pickle(f('paths', 'pkl'))
         self.captions = _id_table(f('CAPTIONS', 'json'), 'captions file', 2)
         self.caplens = _id_table(f('CAPLENS', 'json'), 'caption lengths file', 1)

@@ -44,6 +44,9 @@ def find_data_name(data_folder):
     names = sorted(os.path.basename(p)[len('WORDMAP_'):-len('.json')]
                    for p in glob.glob(os.path.join(data_folder, 'WORDMAP_*.json')))
     if not names:
+        if glob.glob(os.path.join(data_folder, '*_CAPTIONS_*.json')):   # split files, no word map: publishing was cut
+            raise FileNotFoundError(f'{data_folder!r} holds an incomplete set (split files but no WORDMAP_*.json: '
+                                    '00_create_input_files.py was interrupted); re-run 00')
         raise FileNotFoundError(f'no prepared dataset in {data_folder!r} (no WORDMAP_*.json): '
                                 'run 00_create_input_files.py first, or pass --data-folder')
     if len(names) > 1:

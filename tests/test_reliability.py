@@ -379,3 +379,83 @@ def test_a_file_size_limit_in_training_is_one_line_and_leaves_no_temp_file(data_
     target = folder / 'features' / 'TRAIN_FEATURES_' if where == 'feature cache' else out / f'checkpoint_{name}.pt'
     assert f'error: cannot write {target}' in line and 'the file-size limit was reached' in line
     assert not [f for d in (out, folder / 'features') if d.exists() for f in os.listdir(d) if f.endswith('.tmp')]
+
+
+# ----------------------------------------------------------------------------------------------
+# 00_create_input_files.py: publishing, leftovers, empty splits, disk faults; 03's split message
+
+PUBLISH_KILL = '''
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import datasets
+moves, real = [0], os.replace
+def replace(src, dst):   # kill -9 after {k} of the moves from the staging folder into the data folder
+    if '.staging-' in src and '.staging-' not in dst:
+        if moves[0] == {k}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        moves[0] += 1
+    real(src, dst)
+os.replace = replace
+records = datasets.read_karpathy({json!r}, {images!r})
+datasets.prepare_dataset(records, 'synthetic', {out!r}, min_word_freq=2, seed=1, workers=1)
+'''
+
+
+@pytest.mark.parametrize('k', [0, 1, 7, 12])
+def test_a_kill_while_publishing_leaves_a_set_every_reader_calls_incomplete(synth_data, data_copy, tiny_checkpoint,
+                                                                             capsys, k):
+    source, name = synth_data
+    folder, _ = data_copy
+    code = PUBLISH_KILL.format(repo=REPO, k=k, json=os.path.join(source, 'synthetic_source', 'dataset_synthetic.json'),
+                               images=os.path.join(source, 'synthetic_source', 'images'), out=str(folder))
+    assert subprocess.run([sys.executable, '-c', code]).returncode == -signal.SIGKILL
+    assert list(folder.glob('.staging-*'))                                  # what the kill left
+    for split in datasets.SPLITS:
+        with pytest.raises(FileNotFoundError, match='incomplete set'):
+            datasets.CaptionDataset(str(folder), name, split)
+    assert evaluate.main(['--checkpoint', tiny_checkpoint, '--data-folder', str(folder)]) == 1
+    assert 'incomplete set' in one_error_line(capsys.readouterr().err)
+    assert train.main(['--data-folder', str(folder), '--data-name', name, *TINY_MODEL]) == 1
+    assert 'incomplete set' in one_error_line(capsys.readouterr().err)
+    records = datasets.read_karpathy(os.path.join(source, 'synthetic_source', 'dataset_synthetic.json'),
+                                     os.path.join(source, 'synthetic_source', 'images'))
+    datasets.prepare_dataset(records, 'synthetic', str(folder), min_word_freq=2, seed=1, workers=1)
+    assert not list(folder.glob('.staging-*'))                              # the next run cleaned up
+    assert len(datasets.CaptionDataset(str(folder), name, 'TEST')) == 30
+
+
+def test_a_file_size_limit_in_prepare_is_one_line_and_keeps_the_old_set(synth_data, data_copy):
+    source, name = synth_data
+    folder, _ = data_copy
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    cmd = [sys.executable, os.path.join(REPO, '00_create_input_files.py'), '--output-folder', str(folder),
+           '--karpathy-json', os.path.join(source, 'synthetic_source', 'dataset_synthetic.json'),
+           '--image-folder', os.path.join(source, 'synthetic_source', 'images'), '--min-word-freq', '2',
+           '--seed', '1', '--workers', '1']
+    done = limited_run(cmd, 3000)   # the TRAIN captions file is larger
+    assert done.returncode == 1
+    assert 'the file-size limit was reached' in one_error_line(done.stderr)
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before   # no staging, old set intact
+
+
+def test_an_empty_split_is_warned_in_prepare_and_named_in_evaluate(synth_data, tiny_checkpoint, tmp_path, capsys):
+    source, name = synth_data
+    data = json.load(open(os.path.join(source, 'synthetic_source', 'dataset_synthetic.json')))
+    data['images'] = [img for img in data['images'] if img['split'] != 'test']   # Flickr8k without its test split
+    no_test = tmp_path / 'no_test.json'
+    no_test.write_text(json.dumps(data))
+    out = tmp_path / 'data'
+    assert script('00_create_input_files').main([
+        '--karpathy-json', str(no_test), '--image-folder', os.path.join(source, 'synthetic_source', 'images'),
+        '--output-folder', str(out), '--min-word-freq', '2', '--workers', '1', '--dataset', 'synthetic']) == 0
+    assert 'warning: split TEST is empty' in capsys.readouterr().err
+    assert evaluate.main(['--checkpoint', tiny_checkpoint, '--data-folder', str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert 'split TEST' in line and 'TRAIN (48 images), VAL (6 images)' in line and '--split' in line
+
+
+@pytest.mark.parametrize('flag, value', [('--beam-sizes', '0'), ('--batch-size', '0'), ('--max-len', '0'),
+                                         ('--workers', '-1')])
+def test_evaluate_flags_are_range_checked(synth_data, tiny_checkpoint, capsys, flag, value):
+    assert evaluate.main(['--checkpoint', tiny_checkpoint, '--data-folder', synth_data[0], flag, value]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f'error: {flag} {value}: must be')
