@@ -134,4 +134,9 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    status = main()
+    # Every output is written and closed by now: skip the interpreter's teardown of torch (0.8 s of
+    # a 3.5 s command here), which does nothing this command needs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -43,3 +43,8 @@ def test_bench_infer_reports_decode_cost(tmp_path):
 def test_bench_prep_runs(tmp_path):
     r = bench('bench_prep.py', '--synthetic-images', '40', '--runs', '1', '--hdf5', '--image-size', '32')
     assert r['images'] == 40 and r['captions'] == 200 and r['seconds'] > 0 and r['wall_seconds'] > 0
+
+
+def test_bench_cli_times_the_whole_inference_command(tiny_checkpoint):
+    r = bench('bench_cli.py', '--checkpoint', tiny_checkpoint, '--runs', '1')
+    assert r['command_median_s'] > r['import_torch_median_s'] > 0 and r['runs'] == 1
