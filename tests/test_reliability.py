@@ -459,3 +459,20 @@ def test_an_empty_split_is_warned_in_prepare_and_named_in_evaluate(synth_data, t
 def test_evaluate_flags_are_range_checked(synth_data, tiny_checkpoint, capsys, flag, value):
     assert evaluate.main(['--checkpoint', tiny_checkpoint, '--data-folder', synth_data[0], flag, value]) == 1
     assert one_error_line(capsys.readouterr().err).startswith(f'error: {flag} {value}: must be')
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility, as the README states it
+
+def test_two_fresh_runs_with_the_same_seed_agree_within_the_stated_tolerance(data_copy, tmp_path):
+    """Separate processes; the first builds the feature cache, the second reuses it (as two runs do)."""
+    folder, _ = data_copy
+    losses = []
+    for run in ('a', 'b'):
+        cmd = [sys.executable, os.path.join(REPO, '01_train.py'),
+               *train_args(str(folder), tmp_path / run, '--epochs', '1', '--workers', '2')]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        losses.append([json.loads(line)['loss'] for line in open(tmp_path / run / 'steps.jsonl')])
+    assert len(losses[0]) == len(losses[1]) == 12
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
