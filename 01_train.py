@@ -314,7 +314,7 @@ class Trainer:
         self.log = print if self.main else (lambda *a, **k: None)
         folder, name = config['data_folder'], config['data_name']
         datasets.check_complete_set(folder, name)
-        self.word_map = utils.read_json(os.path.join(folder, f'WORDMAP_{name}.json'), 'word map')
+        self.word_map = datasets.read_word_map(os.path.join(folder, f'WORDMAP_{name}.json'))
         for ckpt in (resume_ckpt, init_ckpt):
             if ckpt is not None and ckpt['word_map'] != self.word_map:
                 raise SystemExit(f"the word map in {folder} differs from the checkpoint's: was the data re-prepared?")

@@ -580,6 +580,33 @@ def read_paths_pickle(path):
     return paths
 
 
+def read_word_map(path):
+    """A WORDMAP_*.json -> {word: id}, checked: an object of string keys and distinct integer ids
+    holding the special tokens (ValueError naming the file otherwise)."""
+    word_map = read_json(path, 'word map')
+    if (not isinstance(word_map, dict) or not all(type(v) is int and v >= 0 for v in word_map.values())
+            or len(set(word_map.values())) != len(word_map) or not set(SPECIAL_TOKENS) <= set(word_map)):
+        raise ValueError(f'{path}: not a word map (expected an object word -> distinct id, with '
+                         f"{', '.join(SPECIAL_TOKENS)})")
+    return word_map
+
+
+def _check_hdf5(path, num_images):
+    """ValueError unless `path` is an HDF5 file with uint8 'images' [num_images, 3, S, S] (checked once
+    here, so that a bad file is one line, not a traceback from a DataLoader worker)."""
+    import h5py
+    try:
+        with h5py.File(path, 'r') as h:
+            images = h.get('images')
+            ok = (isinstance(images, h5py.Dataset) and images.dtype == np.uint8 and images.ndim == 4
+                  and images.shape[0] == num_images and images.shape[1] == 3)
+    except OSError as e:
+        raise ValueError(f'{path}: not a readable HDF5 file ({str(e).splitlines()[0]})') from None
+    if not ok:
+        raise ValueError(f"{path}: expected a uint8 dataset 'images' [{num_images}, 3, S, S] "
+                         '(re-run 00_create_input_files.py --hdf5)')
+
+
 def _id_table(path, what, ndim):
     """A prepared JSON file of token ids (ndim 2) or lengths (ndim 1) -> long tensor, or ValueError."""
     data = read_json(path, what)
@@ -630,6 +657,8 @@ class CaptionDataset(Dataset):
         if source == 'hdf5' and not os.path.exists(self.hdf5_path):
             raise FileNotFoundError(f'{self.hdf5_path} not found: run 00_create_input_files.py with --hdf5')
         self.use_hdf5 = features is None and (source == 'hdf5' or (source == 'auto' and os.path.exists(self.hdf5_path)))
+        if self.use_hdf5:
+            _check_hdf5(self.hdf5_path, len(self.paths))
         self._h5 = None   # opened on first use in each process (h5py handles do not survive fork)
         if features is not None and len(features) != len(self.paths):
             raise ValueError(f'feature cache has {len(features)} images, {split} has {len(self.paths)}')
@@ -686,7 +715,10 @@ class FeatureCache:
 
     def __init__(self, path):
         self.path, self._fd, self._pid = path, None, None
-        header = np.load(path, mmap_mode='r')              # only to read shape, dtype and data offset
+        try:   # allow_pickle stays False: an object array is refused, never unpickled
+            header = np.load(path, mmap_mode='r')          # only to read shape, dtype and data offset
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f'{path}: not a feature cache ({e}); delete it to rebuild') from None
         if not header.flags.c_contiguous or header.dtype != np.float16 or header.ndim != 4:
             raise ValueError(f'{path}: not a feature cache (expected a C-ordered float16 [N, C, h, w] array)')
         self.shape, self.offset = header.shape, header.offset

@@ -476,3 +476,22 @@ def test_two_fresh_runs_with_the_same_seed_agree_within_the_stated_tolerance(dat
         losses.append([json.loads(line)['loss'] for line in open(tmp_path / run / 'steps.jsonl')])
     assert len(losses[0]) == len(losses[1]) == 12
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize('content', ['["a", "b"]', '{"<pad>": 0, "a": "x"}', '{"a": 1}'])
+def test_a_bad_word_map_is_one_line_in_training(data_copy, tmp_path, capsys, content):
+    folder, name = data_copy
+    (folder / f'WORDMAP_{name}.json').write_text(content)
+    assert train.main(train_args(str(folder), tmp_path / 'run')) == 1
+    assert f'WORDMAP_{name}.json: not a word map' in one_error_line(capsys.readouterr().err)
+
+
+def test_bad_feature_caches_and_hdf5_files_are_one_line(data_copy, tmp_path):
+    folder, name = data_copy
+    npy = tmp_path / 'objects.npy'
+    np.save(npy, np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match='objects.npy: not a feature cache'):
+        datasets.FeatureCache(str(npy))
+    (folder / f'VAL_IMAGES_{name}.hdf5').write_bytes(b'not hdf5')
+    with pytest.raises(ValueError, match=f'VAL_IMAGES_{name}.hdf5: not a readable HDF5 file'):
+        datasets.CaptionDataset(str(folder), name, 'VAL')
