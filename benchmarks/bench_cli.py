@@ -4,11 +4,13 @@ start to exit (interpreter start, imports, checkpoint load, captioning, writing,
     python benchmarks/bench_cli.py                       # the provided checkpoint, one sample photo, 5 runs
     python benchmarks/bench_cli.py --runs 9 --json
 
-Also times `python -c "import torch"` (the floor any command of the suite pays) and reports the
-load average, since a busy machine moves these numbers more than any change in the code.
+Also times `python -c "import torch"` (the floor any command of the suite pays), and reports the
+CPU time (user + system) of the command and the load average: on a busy machine wall time moves
+more than any change in the code, CPU time much less.
 """
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,9 +38,13 @@ def parse_args(argv=None):
 
 
 def wall(cmd):
+    """-> (wall seconds, CPU seconds of the child: user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv=None):
@@ -50,10 +56,12 @@ def main(argv=None):
                '--device', 'cpu', *(['--checkpoint', args.checkpoint] if args.checkpoint else [])]
         wall(cmd)   # warm the page cache (files and libraries), as a second use of the command would find it
         load_before = os.getloadavg()[0]
-        command = [wall(cmd) for _ in range(args.runs)]
-        import_torch = [wall([sys.executable, '-c', 'import torch']) for _ in range(args.runs)]
+        command, cpu = zip(*[wall(cmd) for _ in range(args.runs)])
+        import_torch, import_cpu = zip(*[wall([sys.executable, '-c', 'import torch']) for _ in range(args.runs)])
     report({'command_median_s': round(statistics.median(command), 3), 'command_min_s': round(min(command), 3),
-            'command_max_s': round(max(command), 3), 'import_torch_median_s': round(statistics.median(import_torch), 3),
+            'command_max_s': round(max(command), 3), 'command_cpu_median_s': round(statistics.median(cpu), 3),
+            'import_torch_median_s': round(statistics.median(import_torch), 3),
+            'import_torch_cpu_median_s': round(statistics.median(import_cpu), 3),
             'runs': args.runs, 'load_avg_1min_before': round(load_before, 2),
             'load_avg_1min_after': round(os.getloadavg()[0], 2), 'cpus': os.cpu_count()}, args.json)
     return 0
