@@ -16,9 +16,9 @@ import csv
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import multiprocessing
-import io
 import os
 import pickle
 import random
