@@ -54,3 +54,8 @@ def test_benchmarks_take_every_decoder():
         r = bench('bench_infer.py', '--encoder', 'resnet18', '--decoder', name, '--vocab-size', '30',
                   '--batch-sizes', '2', '--beam-sizes', '2', '--max-len', '3', '--repeats', '1')
         assert name in r['model'] and r['results'][0]['decode_steps'] >= 1
+
+
+def test_bench_cli_times_the_whole_inference_command(tiny_checkpoint):
+    r = bench('bench_cli.py', '--checkpoint', tiny_checkpoint, '--runs', '1')
+    assert r['command_median_s'] > r['import_torch_median_s'] > 0 and r['runs'] == 1
