@@ -165,13 +165,17 @@ RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1
           'lr_patience': (0, None, '0 or more'), 'image_size': (0, None, '0 (the encoder\'s) or more'),
           'encoded_image_size': (0, None, '0 (the encoder\'s) or more'), 'emb_dim': (1, None, 'at least 1'),
           'attention_dim': (1, None, 'at least 1'), 'decoder_dim': (1, None, 'at least 1'),
-          'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more')}
+          'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more'),
+          'num_layers': (1, None, 'at least 1')}
 OPEN_RANGES = {'decoder_lr': (0, None), 'encoder_lr': (0, None), 'lr_decay': (0, 1)}   # lowest < value (<= highest)
 UNIT_RANGES = ('dropout', 'label_smoothing', 'ema_decay')                            # 0 <= value < 1
 
 
 def check_ranges(config):
-    """ValueError naming the first flag outside its range (a bad value must not cost an epoch first)."""
+    """ValueError naming the first flag outside its range (a bad value must not cost an epoch first).
+    Decoder settings left unset (None: the decoder's default) are not checked."""
+    config = {k: v for k, v in config.items() if v is not None}
+
     def bad(key, why):
         return ValueError(f"--{key.replace('_', '-')} {config[key]}: must be {why}")
     for key, (low, high, why) in RANGES.items():

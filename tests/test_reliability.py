@@ -464,18 +464,23 @@ def test_evaluate_flags_are_range_checked(synth_data, tiny_checkpoint, capsys, f
 # ----------------------------------------------------------------------------------------------
 # Reproducibility, as the README states it
 
-def test_two_fresh_runs_with_the_same_seed_agree_within_the_stated_tolerance(data_copy, tmp_path):
-    """Separate processes; the first builds the feature cache, the second reuses it (as two runs do)."""
+def test_two_fresh_runs_with_the_same_seed_are_bit_identical(data_copy, tmp_path):
+    """Separate processes; the first builds the feature cache, the second reuses it (as two runs do).
+    The dot-product decoder: with features[rows] in its teacher forcing, its runs differed in the last
+    bit every time (the backward of indexing sums the captions of an image in a varying order)."""
     folder, _ = data_copy
     losses = []
     for run in ('a', 'b'):
         cmd = [sys.executable, os.path.join(REPO, '01_train.py'),
-               *train_args(str(folder), tmp_path / run, '--epochs', '1', '--workers', '2')]
+               *train_args(str(folder), tmp_path / run, '--epochs', '1', '--workers', '2',
+                           '--decoder', 'dot_attention')]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         losses.append([json.loads(line)['loss'] for line in open(tmp_path / run / 'steps.jsonl')])
     assert len(losses[0]) == len(losses[1]) == 12
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[0] == losses[1]
+    a, b = (torch.load(next((tmp_path / run).glob('checkpoint_*.pt')), weights_only=True)['decoder'] for run in 'ab')
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize('content', ['["a", "b"]', '{"<pad>": 0, "a": "x"}', '{"a": 1}'])
