@@ -26,6 +26,7 @@ import time
 import datasets
 import synthetic
 import text
+import utils
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATASET = 'synthetic'       # coco | flickr8k | flickr30k | synthetic | any name for your own captions
@@ -134,10 +135,14 @@ def main(argv=None):
         summary = datasets.prepare_dataset(
             records, args.dataset, args.output_folder, args.captions_per_image, args.min_word_freq,
             args.max_len, args.hdf5, args.image_size, args.seed, args.skip_missing, args.workers or None)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:   # bad input; a missing extra; a full disk, a file-size limit, a read-only folder
+        print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
     datasets.print_summary(summary, args.output_folder)
+    for split, s in summary['splits'].items():
+        if not s['images']:   # e.g. a Karpathy file without its test split
+            print(f'warning: split {split} is empty; training needs TRAIN and VAL, 03_evaluate.py then needs '
+                  f'--split with a split that has images', file=sys.stderr)
     print(f'done in {time.time() - start:.1f} s. Next: python 01_train.py --data-folder {args.output_folder}')
     return 0
 

@@ -82,10 +82,11 @@ LOG_EVERY = 50                  # steps between lines of steps.jsonl
 SAVE_EVERY = 0                  # also save a resumable checkpoint every N steps (0 = once per epoch)
 RESUME = ''                     # checkpoint to continue exactly (optimizer, schedule, position, RNG)
 INIT_FROM = ''                  # checkpoint whose weights start a new run (e.g. stage 2: fine-tuning)
+OVERWRITE = False               # let a new run replace the run (checkpoints, logs) already in OUT_DIR
 
 # Flags that may differ from the checkpoint's config when resuming.
 RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps', 'device', 'out_dir',
-                      'data_folder', 'resume', 'early_stop'}
+                      'data_folder', 'resume', 'early_stop', 'overwrite'}
 # Model-shape settings that --init-from takes from its checkpoint.
 MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'decoder', 'decoder_args')
 
@@ -152,7 +153,54 @@ def make_parser(suppress=False):
     add('--save-every', SAVE_EVERY, 'save a resumable checkpoint every N steps (0 = per epoch only)')
     add('--resume', RESUME, 'checkpoint to continue')
     add('--init-from', INIT_FROM, 'checkpoint whose weights start this run')
+    add('--overwrite', OVERWRITE, 'a new run may replace the checkpoints and logs of a run already in --out-dir')
     return p
+
+
+# Allowed ranges, checked before any work: flag -> (lowest, highest, how the bound is meant).
+RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1'), 'workers': (0, None, '0 or more'),
+          'val_beam_size': (1, None, 'at least 1 (1 = greedy)'), 'val_max_images': (0, None, '0 (all) or more'),
+          'max_steps': (0, None, '0 (no limit) or more'), 'log_every': (0, None, '0 or more'),
+          'save_every': (0, None, '0 or more'), 'early_stop': (0, None, '0 (never) or more'),
+          'lr_patience': (0, None, '0 or more'), 'image_size': (0, None, '0 (the encoder\'s) or more'),
+          'encoded_image_size': (0, None, '0 (the encoder\'s) or more'), 'emb_dim': (1, None, 'at least 1'),
+          'attention_dim': (1, None, 'at least 1'), 'decoder_dim': (1, None, 'at least 1'),
+          'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more'),
+          'num_layers': (1, None, 'at least 1')}
+OPEN_RANGES = {'decoder_lr': (0, None), 'encoder_lr': (0, None), 'lr_decay': (0, 1)}   # lowest < value (<= highest)
+UNIT_RANGES = ('dropout', 'label_smoothing', 'ema_decay')                            # 0 <= value < 1
+
+
+def check_ranges(config):
+    """ValueError naming the first flag outside its range (a bad value must not cost an epoch first).
+    Decoder settings left unset (None: the decoder's default) are not checked."""
+    config = {k: v for k, v in config.items() if v is not None}
+
+    def bad(key, why):
+        return ValueError(f"--{key.replace('_', '-')} {config[key]}: must be {why}")
+    for key, (low, high, why) in RANGES.items():
+        if key in config and (config[key] < low or (high is not None and config[key] > high)):
+            raise bad(key, why)
+    for key, (low, high) in OPEN_RANGES.items():
+        if key in config and (config[key] <= low or (high is not None and config[key] > high)):
+            raise bad(key, f'above {low}' + (f' and at most {high}' if high is not None else ''))
+    for key in UNIT_RANGES:
+        if key in config and not 0 <= config[key] < 1:
+            raise bad(key, 'at least 0 and below 1')
+
+
+def check_run_folder(config):
+    """A new run must not silently replace a run in its folder: its resumable checkpoint could be
+    the one a Ctrl-C told the user to --resume."""
+    out = config['out_dir']
+    found = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
+                   if f.endswith('.pt') and (f.startswith('checkpoint_') or f.startswith('BEST_checkpoint_')))
+    if found and not config.get('overwrite'):
+        resumable = [f for f in found if f.startswith('checkpoint_')]
+        offer = f'continue it with --resume {os.path.join(out, resumable[0])}, ' if resumable else ''
+        raise ValueError(f'{out} already holds a run ({", ".join(found)}): {offer}pass --overwrite to replace it, '
+                         'or choose another --out-dir')
+    return found
 
 
 def resolve_config(argv, device):
@@ -173,6 +221,7 @@ def resolve_config(argv, device):
         config['max_steps'] = given.get('max_steps', 0)   # a limit for one session, not for every resume
         if 'out_dir' not in given:   # continue next to the checkpoint, wherever the run folder is now
             config['out_dir'] = os.path.dirname(os.path.abspath(config['resume']))
+        check_ranges(config)
         return config, resume_ckpt, None
     if config['init_from']:
         init_ckpt = checkpoint.load(config['init_from'])
@@ -200,6 +249,8 @@ def resolve_config(argv, device):
         config['out_dir'] = os.path.join('runs', config['data_name'] + suffix)
     if config['fine_tune_encoder'] and given.get('cache_features'):
         raise SystemExit('--cache-features needs a frozen encoder; drop it or --fine-tune-encoder')
+    check_ranges(config)
+    check_run_folder(config)
     return config, None, init_ckpt
 
 
@@ -243,11 +294,14 @@ class Stopper:
         self._previous = None
 
     def __enter__(self):
+        self._pid = os.getpid()
         with contextlib.suppress(ValueError):   # not the main thread: no handler
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:   # a forked DataLoader worker inherited the handler: the parent speaks
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -266,10 +320,14 @@ def main(argv=None):
     try:
         try:
             trainer = Trainer(argv, rank, world, device)
-        except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:   # setup: data, extras, weights
-            print(f'error: {e}', file=sys.stderr)
+        except (OSError, ImportError, ValueError, RuntimeError) as e:   # setup: data, extras, weights, disk
+            print(f'error: {utils.describe_error(e)}', file=sys.stderr)
             return 1
-        return trainer.run()
+        try:
+            return trainer.run()
+        except OSError as e:   # a full disk, a file-size limit, a read-only run folder: one line
+            print(f'error: {utils.describe_error(e)}', file=sys.stderr)
+            return 1
     finally:
         utils.cleanup_distributed()
 
@@ -283,7 +341,8 @@ class Trainer:
         self.main = rank == 0
         self.log = print if self.main else (lambda *a, **k: None)
         folder, name = config['data_folder'], config['data_name']
-        self.word_map = utils.read_json(os.path.join(folder, f'WORDMAP_{name}.json'), 'word map')
+        datasets.check_complete_set(folder, name)
+        self.word_map = datasets.read_word_map(os.path.join(folder, f'WORDMAP_{name}.json'))
         config['tokenizer'] = text.read_tokenizer(folder, name)   # decoding/scoring in 02/03 (text.py)
         for ckpt in (resume_ckpt, init_ckpt):
             if ckpt is not None and ckpt['word_map'] != self.word_map:
@@ -355,7 +414,8 @@ class Trainer:
         if config.get('ema_decay'):
             self.ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config['ema_decay']))
         self.state = {'epoch': 0, 'images_done': 0, 'step': 0, 'best_score': -1.0, 'best_epoch': -1,
-                      'epochs_since_improvement': 0}
+                      'epochs_since_improvement': 0,
+                      'epoch_loss_sum': 0.0, 'epoch_loss_steps': 0}   # the epoch's train loss survives a resume
         if resume_ckpt:
             self.optimizer.load_state_dict(resume_ckpt['optimizer'])
             self.scheduler.load_state_dict(resume_ckpt['scheduler'])
@@ -363,7 +423,7 @@ class Trainer:
                 self.scaler.load_state_dict(resume_ckpt['scaler'])
             if self.ema is not None:
                 self.ema.load_state_dict(resume_ckpt['decoder_ema_state'])
-            self.state.update({k: resume_ckpt[k] for k in self.state})
+            self.state.update({k: resume_ckpt.get(k, v) for k, v in self.state.items()})
             utils.set_rng_state(resume_ckpt['rng'])
             self.log(f"resuming {config['resume']}: epoch {self.state['epoch']}, {self.state['images_done']} "
                      f"images into it, step {self.state['step']}")
@@ -383,6 +443,24 @@ class Trainer:
         self.ckpt_path = os.path.join(self.out_dir, f'checkpoint_{name}.pt')
         self.best_path = os.path.join(self.out_dir, f'BEST_checkpoint_{name}.pt')
         self.steps_this_run = 0
+        if self.main:
+            self._tidy_run_folder(resume_ckpt)
+
+    def _tidy_run_folder(self, resume_ckpt):
+        """Remove what killed runs left (checkpoint temp files); a new --overwrite run removes the old
+        run's checkpoints and logs; a resumed run drops log lines past its checkpoint (steps a kill
+        made it lose, which it now trains again), so no step or epoch is logged twice."""
+        freed = utils.remove_stale_temp(self.out_dir)
+        if freed:
+            self.log(f'removed {utils.format_size(freed)} of temporary files left by a killed run in {self.out_dir}')
+        if resume_ckpt is None:
+            for f in check_run_folder(self.config) + ['steps.jsonl', 'metrics.jsonl']:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out_dir, f))
+            return
+        utils.truncate_jsonl(os.path.join(self.out_dir, 'steps.jsonl'), lambda r: r.get('step', 0) <= self.state['step'])
+        utils.truncate_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'),
+                             lambda r: r.get('epoch', 0) < self.state['epoch'])
 
     @staticmethod
     def _data_limits(folder, name):
@@ -445,7 +523,11 @@ class Trainer:
                 if stop == 'max_steps':
                     self.log(f'--max-steps reached; continue with: python 01_train.py --resume {self.ckpt_path}')
                     return 0
-        self.log(f"best VAL BLEU-4 {state['best_score']:.4f} (epoch {state['best_epoch']}): {self.best_path}")
+        if os.path.exists(self.best_path):
+            self.log(f"best VAL BLEU-4 {state['best_score']:.4f} (epoch {state['best_epoch']}): {self.best_path}")
+        else:   # e.g. resumed with --epochs no higher than the epochs already done
+            self.log(f"no epoch ended in this run folder ({state['epoch']} of {config['epochs']} epochs done): "
+                     f"no BEST checkpoint; continue with --resume {self.ckpt_path} --epochs N")
         return 0
 
     def end_epoch(self, stats, val):
@@ -454,7 +536,7 @@ class Trainer:
         self.scheduler.step(score)
         improved = score > state['best_score']
         state['epoch'] += 1
-        state['images_done'] = 0
+        state.update(images_done=0, epoch_loss_sum=0.0, epoch_loss_steps=0)
         if improved:
             state.update(best_score=score, best_epoch=state['epoch'] - 1, epochs_since_improvement=0)
         else:
@@ -517,9 +599,12 @@ class Trainer:
         self.train_encoder.train()
         self.train_decoder.train()
         losses, top5s = utils.AverageMeter(), utils.AverageMeter()
+        losses.sum, losses.count = state['epoch_loss_sum'], state['epoch_loss_steps']   # resumed mid-epoch
+        losses.avg = losses.sum / max(losses.count, 1)
         steps_planned, steps, captions_seen, start = len(self.sampler), 0, 0, time.time()
+        steps_before = state['images_done'] // (self.images_per_batch * world)   # done before a resume
         bar = tqdm(self.train_loader, desc=f"epoch {state['epoch']}", unit='step', disable=None if self.main else True,
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, initial=steps_before, total=steps_before + steps_planned)
         stop = None
         for x, caps, caplens in bar:
             loss, out, n_captions = self.train_step(x, caps, caplens)
@@ -535,6 +620,7 @@ class Trainer:
                                                         float(at_limit)], dtype=torch.float64, device=device))
             loss_value = shared[0].item()
             losses.update(loss_value)
+            state['epoch_loss_sum'], state['epoch_loss_steps'] = losses.sum, losses.count
             log_now = config['log_every'] and state['step'] % config['log_every'] == 0
             if log_now or steps == 1:
                 top5s.update(utils.topk_accuracy(out.scores.detach().float(), out.targets, 5))
@@ -543,7 +629,8 @@ class Trainer:
                 bar.set_postfix(loss=f'{losses.avg:.3f}', lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 cap_s=f'{rate:.0f}')
                 if log_now and bar.disable:   # no progress bar (output is not a terminal): a plain line
-                    print(f"epoch {state['epoch']} step {steps}/{steps_planned}: loss {losses.avg:.3f}, "
+                    print(f"epoch {state['epoch']} step {steps_before + steps}/{steps_before + steps_planned}: "
+                          f"loss {losses.avg:.3f}, "
                           f"{rate:.0f} captions/s", flush=True)
                 if log_now:
                     utils.append_jsonl(os.path.join(self.out_dir, 'steps.jsonl'), {

@@ -15,7 +15,6 @@ are computed on jieba segments without the English PTB tokenizer, and METEOR (En
 """
 import argparse
 import os
-import pickle
 import sys
 import time
 
@@ -98,18 +97,36 @@ def split_images(args):
         paths, refs = [r.path for r in records], [r.raws for r in records]
     else:
         name = args.data_name or utils.find_data_name(args.data_folder)
-        with open(os.path.join(args.data_folder, f'{split}_paths_{name}.pkl'), 'rb') as f:
-            paths = pickle.load(f)
+        datasets.check_complete_set(args.data_folder, name)
+        paths = datasets.read_paths_pickle(os.path.join(args.data_folder, f'{split}_paths_{name}.pkl'))
         refs = utils.read_json(os.path.join(args.data_folder, f'{split}_REFS_{name}.json'), 'references file')
     if not paths:
-        raise ValueError(f'split {split} has no images')
+        if args.karpathy_json:
+            raise ValueError(f'split {split} has no images in {args.karpathy_json}')
+        sizes = datasets.split_sizes(args.data_folder, name)
+        have = ', '.join(f'{s} ({n} images)' for s, n in sizes.items() if n) or 'none'
+        raise ValueError(f'split {split} of {name} has no images; splits with images: {have}. Choose one with --split')
     n = args.max_images or len(paths)
     return paths[:n], refs[:n], split
+
+
+def check_args(args):
+    """Flags are range-checked before any work."""
+    for key, low, why in (('batch_size', 1, 'at least 1'), ('max_len', 1, 'at least 1'), ('workers', 0, '0 or more'),
+                          ('min_len', 0, '0 or more'), ('no_repeat_ngram', 0, '0 (off) or more'),
+                          ('max_images', 0, '0 (all) or more')):
+        if getattr(args, key) < low:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be {why}")
+    if min(args.beam_sizes) < 1:
+        raise ValueError(f'--beam-sizes {min(args.beam_sizes)}: must be at least 1 (1 = greedy)')
+    if args.out:
+        utils.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), '--out')
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         paths, refs, split = split_images(args)
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
@@ -119,8 +136,8 @@ def main(argv=None):
             ok, why = metrics.coco_status() if tokenizer == 'words' else metrics.segmented_status()
             if not ok:
                 raise RuntimeError(f'--metrics coco: {why}')
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
     print(f'evaluating {args.checkpoint} on {split}: {len(paths)} images, beam sizes {args.beam_sizes}, {device}')
     start = time.time()
@@ -143,8 +160,12 @@ def main(argv=None):
     print_table(table)
     print(f'({note}; {len(scored)} images, {len(failures)} skipped; captioning took {seconds:.1f} s)')
     if args.out:
-        utils.write_json(args.out, {'split': split, 'num_images': len(scored), 'checkpoint': args.checkpoint,
-                                    'results': table, 'note': note, 'captions': captions}, indent=1)
+        try:
+            utils.write_json(args.out, {'split': split, 'num_images': len(scored), 'checkpoint': args.checkpoint,
+                                        'results': table, 'note': note, 'captions': captions}, indent=1)
+        except OSError as e:   # the scores above are printed; the file is all or nothing
+            print(f'error: {utils.describe_error(e)}', file=sys.stderr)
+            return 1
         print(f'wrote {args.out}')
     return 0
 

@@ -57,3 +57,19 @@ flickr8k-cn-data: $(STAMP)
 	$(PY) 00_create_input_files.py --dataset flickr8k_cn --captions-file $(FLICKR8K_CN_CAPTIONS) \
 	    --train-list $(FLICKR8K_CN_TRAIN) --val-list $(FLICKR8K_CN_VAL) --tokenizer jieba \
 	    --image-folder $(FLICKR8K_CN_IMAGES) --output-folder $(FLICKR8K_CN_DATA)
+
+# The model zoo (README table): decoder $(DECODER) trained with the provided checkpoint's recipe on
+# frozen EfficientNet-Lite0 features of Flickr8k TRAIN, selected on VAL, scored on VAL at beam 3:
+#     make flickr8k-zoo DECODER=show_tell      (sat | dot_attention | show_tell | repeat_bilstm)
+DECODER ?= sat
+ZOO_RUN = runs/zoo_$(DECODER)
+
+.PHONY: flickr8k-zoo
+flickr8k-zoo: $(STAMP)
+	test -f data/flickr8k/WORDMAP_$(FLICKR8K_NAME).json || $(PY) 00_create_input_files.py --dataset flickr8k \
+	    --karpathy-json $(FLICKR8K_JSON) --image-folder $(FLICKR8K_IMAGES) --output-folder data/flickr8k
+	$(PY) 01_train.py --data-folder data/flickr8k --decoder $(DECODER) --encoder efficientnet_lite0 \
+	    --encoder-weights imagenet --epochs 12 --workers 0 --val-beam-size 3 --ema-decay 0.999 \
+	    --label-smoothing 0.1 --lr-patience 2 --early-stop 4 --out-dir $(ZOO_RUN)
+	$(PY) 03_evaluate.py --checkpoint $(ZOO_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt --data-folder data/flickr8k \
+	    --split VAL --beam-sizes 3 --out $(ZOO_RUN)/val_metrics.json

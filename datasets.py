@@ -16,6 +16,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -25,17 +26,17 @@ import pickle
 import random
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import text
-from utils import (SPECIAL_TOKENS, atomic_path, data_base_name, read_json, state_dict_digest, tokenize,
-                   write_json)
+from utils import (SPECIAL_TOKENS, atomic_path, check_free_space, data_base_name, read_json, remove_stale_temp,
+                   state_dict_digest, tokenize, write_json)
 
 SPLITS = ('TRAIN', 'VAL', 'TEST')
 SPLIT_NAMES = {'train': 'TRAIN', 'restval': 'TRAIN', 'val': 'VAL', 'test': 'TEST'}
@@ -399,6 +400,8 @@ class ImageTransform:
     """The one image transform: PIL image or uint8 tensor [3, H, W] -> normalised float [3, S, S].
 
     `size`, `mean` and `std` come from the encoder's weights (models.Encoder.transform_config()).
+    Plain torch ops with the numerics of torchvision's v2 pil_to_tensor / resize(antialias=True) /
+    normalize (tests compare them), so captioning does not import torchvision (1.3 s).
     """
 
     def __init__(self, size, mean, std, crop=False):
@@ -410,25 +413,45 @@ class ImageTransform:
                 img = ImageOps.fit(img, (self.size, self.size), Image.BICUBIC)
             elif img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.BILINEAR)
-            img = TF.pil_to_tensor(img)                                   # uint8 [3, S, S]
+            img = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)   # uint8 [3, S, S]
         elif img.shape[-2:] != (self.size, self.size):
-            img = TF.resize(img, [self.size, self.size], antialias=True)
-        return TF.normalize(img.float().div_(255.0), self.mean, self.std)
+            # uint8 in, uint8 out, as torchvision resizes uint8 tensors (its AVX path rounds the same way)
+            img = torch.nn.functional.interpolate(img.unsqueeze(0), size=[self.size, self.size], mode='bilinear',
+                                                  align_corners=False, antialias=True).squeeze(0)
+        x = img.float().div_(255.0)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
 
     def __repr__(self):
         return f'ImageTransform(size={self.size}, mean={self.mean}, std={self.std}, crop={self.crop})'
 
 
-def list_images(path):
-    """A file -> [file]; a folder -> every jpg/jpeg/png/bmp/webp below it (any letter case), sorted."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f'no such image file or folder: {path}')
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+def list_images(paths):
+    """Image files from a file, a folder or a list of both, in the order given (folders: every
+    jpg/jpeg/png/bmp/webp below them, any letter case, sorted; each file once).
+
+    Only regular files are listed: a FIFO or device named .jpg would block the reader forever. A
+    path given explicitly that is missing or not a regular file raises."""
+    found, seen = [], set()
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            files = []
+            for root, dirs, names in os.walk(path):   # does not follow symlinked folders: no loops
+                dirs.sort()
+                files += [os.path.join(root, f) for f in sorted(names)
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
+        elif os.path.isfile(path):
+            files = [path]
+        elif os.path.exists(path):
+            raise ValueError(f'{path}: not a regular file or folder (a FIFO, socket or device cannot be captioned)')
+        else:
+            raise FileNotFoundError(f'no such image file or folder: {path}')
+        for f in files:
+            if f not in seen:
+                seen.add(f)
+                found.append(f)
     return found
 
 
@@ -572,7 +595,8 @@ def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_w
         raise ValueError('no TRAIN images left: check the split names of the source and --max-len')
     word_map = build_word_map([t for _, toks in kept['TRAIN'] for t in toks], min_word_freq)
 
-    staging = tempfile.mkdtemp(prefix='.staging-', dir=output_folder)
+    remove_stale_temp(output_folder)   # what a killed earlier run left (its pid is in the name)
+    staging = tempfile.mkdtemp(prefix=f'.staging-{os.getpid()}-', dir=output_folder)
     try:
         rng = random.Random(seed)
         for split in SPLITS:
@@ -596,7 +620,9 @@ def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_w
         word_map_name = f'WORDMAP_{base}.json'
         write_json(text.tokenizer_path(staging, base), text.tokenizer_record(tokenizer))   # read by 01/02/03
         write_json(os.path.join(staging, word_map_name), word_map)
-        # Publish: retire the old set's word map, move the new files in, the word map last.
+        # Publish: retire the old set's word map, move the new files in, the word map last. A kill
+        # in between leaves split files without a word map, which every reader reports as an
+        # incomplete set (check_complete_set), never as a dataset.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_folder, word_map_name))
         for split in SPLITS:   # an HDF5 file of an earlier --hdf5 run must not outlive its set
@@ -610,6 +636,31 @@ def prepare_dataset(records, dataset, output_folder, captions_per_image=5, min_w
         shutil.rmtree(staging, ignore_errors=True)
     summary['vocab_size'] = len(word_map)
     return summary
+
+
+def check_complete_set(data_folder, data_name):
+    """FileNotFoundError unless the word map that 00_create_input_files.py publishes last is there;
+    split files without it are a set whose publishing was interrupted."""
+    if os.path.exists(os.path.join(data_folder, f'WORDMAP_{data_name}.json')):
+        return
+    parts = [s for s in SPLITS for kind in ('CAPTIONS', 'paths')
+             if os.path.exists(os.path.join(data_folder, f"{s}_{kind}_{data_name}.{'pkl' if kind == 'paths' else 'json'}"))]
+    if parts:
+        raise FileNotFoundError(f'{data_folder}: incomplete set {data_name} (split files without '
+                                f'WORDMAP_{data_name}.json: 00_create_input_files.py was interrupted); re-run 00')
+    raise FileNotFoundError(f'{data_folder}: no prepared dataset {data_name} (no WORDMAP_{data_name}.json): '
+                            'run 00_create_input_files.py first, or check --data-folder/--data-name')
+
+
+def split_sizes(data_folder, data_name):
+    """{SPLIT: number of images} of a prepared set (a split whose file is missing or unreadable: 0)."""
+    sizes = {}
+    for split in SPLITS:
+        try:
+            sizes[split] = len(read_paths_pickle(os.path.join(data_folder, f'{split}_paths_{data_name}.pkl')))
+        except (OSError, ValueError):
+            sizes[split] = 0
+    return sizes
 
 
 def _write_split(folder, split, base, captions, caplens, paths, refs):
@@ -665,6 +716,82 @@ def print_summary(summary, output_folder):
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading prepared files: nothing read from a file may run code.
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Builds only pickle's own data types (list, str, int, ...): any class or function that a
+    pickle names (the way `__reduce__` payloads run code) is refused."""
+
+    def find_class(self, module, name):
+        raise _Refused(f'it names {module}.{name}, and only a list of path strings is allowed')
+
+
+def read_paths_pickle(path):
+    """A prepared {SPLIT}_paths_*.pkl -> list of str, read without running anything the file names.
+    Anything else (code, other types, a truncated or empty file) raises ValueError naming the file."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f'image paths file not found: {path} (run 00_create_input_files.py)') from None
+    try:
+        paths = _DataOnlyUnpickler(io.BytesIO(data)).load()
+    except _Refused as e:
+        raise ValueError(f'{path}: refused: not a plain image-path pickle ({e})') from None
+    except Exception as e:  # noqa: BLE001 - truncated/garbled pickles fail in many ways; one line for all
+        raise ValueError(f'{path}: not a readable image-path pickle (truncated or damaged: '
+                         f'{e.__class__.__name__}); re-run 00_create_input_files.py') from None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        got = type(paths).__name__ if not isinstance(paths, list) else 'a list holding non-strings'
+        raise ValueError(f'{path}: refused: expected a list of image path strings, got {got}')
+    return paths
+
+
+def read_word_map(path):
+    """A WORDMAP_*.json -> {word: id}, checked: an object of string keys and distinct integer ids
+    holding the special tokens (ValueError naming the file otherwise)."""
+    word_map = read_json(path, 'word map')
+    if (not isinstance(word_map, dict) or not all(type(v) is int and v >= 0 for v in word_map.values())
+            or len(set(word_map.values())) != len(word_map) or not set(SPECIAL_TOKENS) <= set(word_map)):
+        raise ValueError(f'{path}: not a word map (expected an object word -> distinct id, with '
+                         f"{', '.join(SPECIAL_TOKENS)})")
+    return word_map
+
+
+def _check_hdf5(path, num_images):
+    """ValueError unless `path` is an HDF5 file with uint8 'images' [num_images, 3, S, S] (checked once
+    here, so that a bad file is one line, not a traceback from a DataLoader worker)."""
+    import h5py
+    try:
+        with h5py.File(path, 'r') as h:
+            images = h.get('images')
+            ok = (isinstance(images, h5py.Dataset) and images.dtype == np.uint8 and images.ndim == 4
+                  and images.shape[0] == num_images and images.shape[1] == 3)
+    except OSError as e:
+        raise ValueError(f'{path}: not a readable HDF5 file ({str(e).splitlines()[0]})') from None
+    if not ok:
+        raise ValueError(f"{path}: expected a uint8 dataset 'images' [{num_images}, 3, S, S] "
+                         '(re-run 00_create_input_files.py --hdf5)')
+
+
+def _id_table(path, what, ndim):
+    """A prepared JSON file of token ids (ndim 2) or lengths (ndim 1) -> long tensor, or ValueError."""
+    data = read_json(path, what)
+    try:
+        table = torch.tensor(data, dtype=torch.long)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        table = None
+    if table is None or table.dim() != ndim or (ndim == 1 and not isinstance(data, list)):
+        raise ValueError(f'{path}: expected {"rows of integer token ids" if ndim == 2 else "a list of integers"} '
+                         f'({what} of 00_create_input_files.py)')
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # Datasets over prepared files
 
 class CaptionDataset(Dataset):
@@ -688,10 +815,10 @@ class CaptionDataset(Dataset):
         self.split, self.transform, self.per_image, self.features = split, transform, per_image, features
         self.data_folder, self.data_name = data_folder, data_name
         f = lambda kind, ext: os.path.join(data_folder, f'{split}_{kind}_{data_name}.{ext}')  # noqa: E731
-        self.captions = torch.tensor(read_json(f('CAPTIONS', 'json'), 'captions file'), dtype=torch.long)
-        self.caplens = torch.tensor(read_json(f('CAPLENS', 'json'), 'caption lengths file'), dtype=torch.long)
-        with open(f('paths', 'pkl'), 'rb') as fh:
-            self.paths = pickle.load(fh)
+        check_complete_set(data_folder, data_name)
+        self.paths = read_paths_pickle(f('paths', 'pkl'))
+        self.captions = _id_table(f('CAPTIONS', 'json'), 'captions file', 2)
+        self.caplens = _id_table(f('CAPLENS', 'json'), 'caption lengths file', 1)
         self.refs_path = f('REFS', 'json')
         if len(self.paths) == 0 or len(self.captions) % len(self.paths) or len(self.captions) != len(self.caplens):
             raise ValueError(f'{data_folder}: {split} files of {data_name} disagree: {len(self.paths)} images, '
@@ -701,6 +828,8 @@ class CaptionDataset(Dataset):
         if source == 'hdf5' and not os.path.exists(self.hdf5_path):
             raise FileNotFoundError(f'{self.hdf5_path} not found: run 00_create_input_files.py with --hdf5')
         self.use_hdf5 = features is None and (source == 'hdf5' or (source == 'auto' and os.path.exists(self.hdf5_path)))
+        if self.use_hdf5:
+            _check_hdf5(self.hdf5_path, len(self.paths))
         self._h5 = None   # opened on first use in each process (h5py handles do not survive fork)
         if features is not None and len(features) != len(self.paths):
             raise ValueError(f'feature cache has {len(features)} images, {split} has {len(self.paths)}')
@@ -757,7 +886,10 @@ class FeatureCache:
 
     def __init__(self, path):
         self.path, self._fd, self._pid = path, None, None
-        header = np.load(path, mmap_mode='r')              # only to read shape, dtype and data offset
+        try:   # allow_pickle stays False: an object array is refused, never unpickled
+            header = np.load(path, mmap_mode='r')          # only to read shape, dtype and data offset
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f'{path}: not a feature cache ({e}); delete it to rebuild') from None
         if not header.flags.c_contiguous or header.dtype != np.float16 or header.ndim != 4:
             raise ValueError(f'{path}: not a feature cache (expected a C-ordered float16 [N, C, h, w] array)')
         self.shape, self.offset = header.shape, header.offset
@@ -790,28 +922,61 @@ def feature_cache_path(dataset, encoder):
                         f'{dataset.split}_FEATURES_{dataset.data_name}_{encoder.name}_{encoder.image_size}px_{h}.npy')
 
 
+PROGRESS_SECONDS = 15   # without a terminal (logs, nohup), a progress line at most this often
+
+
 @torch.inference_mode()
 def build_feature_cache(encoder, dataset, path, device, batch_size=32, workers=0, progress=True):
     """Run the (frozen, eval-mode) `encoder` once over every image of `dataset` (per-image
-    CaptionDataset over images) and store its native feature maps as fp16 [N, C, h, w] at `path`."""
+    CaptionDataset over images) and store its native feature maps as fp16 [N, C, h, w] at `path`.
+
+    The file's size is known after the first batch: it is checked against the free disk space and
+    allocated at once, so a full disk is an OSError naming both sizes (not a Bus error from a
+    sparse memory map later). Any failure removes the partial file; one a killed run left is
+    removed by the next."""
     from torch.utils.data import DataLoader
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temp(folder)
     loader = DataLoader(_Images(dataset), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == 'cuda', generator=torch.Generator())  # leaves the global RNG alone
     encoder.eval()
-    out = None
+    out, n = None, dataset.num_images
+    desc = f'caching {dataset.split} features'
+    bar = tqdm(loader, desc=desc, unit='batch', disable=None if progress else True, leave=False)
+    plain = progress and bar.disable   # not a terminal: tqdm is silent, so print plain lines
+    start = last = time.time()
     with atomic_path(path) as tmp:
         i = 0
-        for images in tqdm(loader, desc=f'caching {dataset.split} features', unit='batch',
-                           disable=None if progress else True, leave=False):
+        for images in bar:
             feats = encoder.features(images.to(device, non_blocking=True))   # [B, C, h, w]
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16,
-                                                shape=(len(dataset.paths), *feats.shape[1:]))
+                shape = (n, *feats.shape[1:])
+                check_free_space(folder, int(np.prod(shape)) * 2 + 4096, f'the {dataset.split} feature cache')
+                try:
+                    out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
+                    _allocate(tmp)
+                except OSError as e:   # numpy's own errors name no file
+                    raise OSError(e.errno, e.strerror, path) from None
             out[i:i + len(feats)] = feats.half().cpu().numpy()
             i += len(feats)
+            if plain and (time.time() - last >= PROGRESS_SECONDS or i == n):
+                last = time.time()
+                print(f'{desc}: {i}/{n} images ({100 * i // max(n, 1)}%), {last - start:.0f} s', flush=True)
         out.flush()
         del out                                        # closed; renamed to `path` when the block exits
     return FeatureCache(path)
+
+
+def _allocate(path):
+    """Give a (sparse) file its blocks now: ENOSPC here instead of SIGBUS on a memory-mapped write."""
+    with open(path, 'r+b') as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # file system without it
+                return
+            raise OSError(e.errno, e.strerror, path) from None
 
 
 class _Images(Dataset):

@@ -12,12 +12,12 @@ import importlib
 import importlib.util
 import json
 import os
-import pickle
 import shutil
 import sys
 import time
 
 import caption
+import datasets
 
 OUT = 'outputs/demo'
 EPOCHS = 3
@@ -78,8 +78,7 @@ def main(argv=None):
         return 1
     report = json.load(open(metrics_path))
     refs = json.load(open(os.path.join(data, f'TEST_REFS_{name}.json')))
-    with open(os.path.join(data, f'TEST_paths_{name}.pkl'), 'rb') as f:
-        paths = pickle.load(f)
+    paths = datasets.read_paths_pickle(os.path.join(data, f'TEST_paths_{name}.pkl'))
     print('\nsome TEST captions (generated | one of the references):')
     for c in report['captions'][:8]:
         print(f"  {os.path.basename(c['image'])}: {c['caption']!r} | {refs[paths.index(c['image'])][0]!r}")

@@ -4,12 +4,16 @@ meters and the distributed (torchrun) plumbing.
 Nothing here does work at import time.
 """
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -37,6 +41,9 @@ def find_data_name(data_folder):
     names = sorted(os.path.basename(p)[len('WORDMAP_'):-len('.json')]
                    for p in glob.glob(os.path.join(data_folder, 'WORDMAP_*.json')))
     if not names:
+        if glob.glob(os.path.join(data_folder, '*_CAPTIONS_*.json')):   # split files, no word map: publishing was cut
+            raise FileNotFoundError(f'{data_folder!r} holds an incomplete set (split files but no WORDMAP_*.json: '
+                                    '00_create_input_files.py was interrupted); re-run 00')
         raise FileNotFoundError(f'no prepared dataset in {data_folder!r} (no WORDMAP_*.json): '
                                 'run 00_create_input_files.py first, or pass --data-folder')
     if len(names) > 1:
@@ -50,10 +57,13 @@ def find_data_name(data_folder):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; on success it is renamed over `path`, on error removed."""
+    """Yield a temporary path next to `path`; on success it is renamed over `path`, on error removed.
+
+    The temporary name holds this process's id ('.NAME.PID.XXXX.tmp'), so that one left by a killed
+    process can be told from one still being written (remove_stale_temp)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.{os.getpid()}.', suffix='.tmp', dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -63,6 +73,38 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+_TEMP_RE = re.compile(r'^\.(?:.+\.(\d+)\.[^.]+\.tmp|staging-(\d+)-.+)$')
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp(folder):
+    """Remove the temporary files ('.NAME.PID.XXXX.tmp') and staging folders ('.staging-PID-XXXX')
+    that killed processes left in `folder`; those of live processes stay. Returns the bytes freed."""
+    freed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            m = _TEMP_RE.match(entry.name)
+            if not m or pid_alive(int(m.group(1) or m.group(2))):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    freed += sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(entry.path) for f in fs)
+                    shutil.rmtree(entry.path)
+                else:
+                    freed += entry.stat(follow_symlinks=False).st_size
+                    os.remove(entry.path)
+    return freed
 
 
 def _umask():
@@ -99,23 +141,58 @@ def append_jsonl(path, record):
 
 def save_checkpoint(path, state):
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            with open(tmp, 'wb') as f:   # a Python file: torch's writer then keeps the OSError of a failed write
+                torch.save(state, f)
+        except RuntimeError as e:        # torch reports a full disk as 'unexpected pos': give the real cause
+            cause = e.__context__
+            if isinstance(cause, OSError) and cause.errno:
+                raise OSError(cause.errno, cause.strerror, path) from None
+            raise
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True)."""
+    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True).
+
+    Anything else (empty, truncated, text, pickled objects) raises ValueError with one line that
+    names the file and says what it is."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about pickle protocols of hostile files
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f'{path}: cannot be loaded as a checkpoint of this suite ({e.__class__.__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""}). Tutorial .pth.tar files pickle whole '
-                         'modules: load one with the tutorial\'s code and save decoder.state_dict(), whose '
-                         'parameter names DecoderWithAttention.load_state_dict accepts.') from None
+        raise ValueError(f'{path}: {_checkpoint_problem(path, e)}') from None
     if not isinstance(ckpt, dict) or 'decoder' not in ckpt or 'config' not in ckpt:
         raise ValueError(f'{path}: not a checkpoint of this suite (expected keys "config" and "decoder")')
     return ckpt
+
+
+_CONTROL_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]')
+
+
+def _checkpoint_problem(path, error):
+    """Why torch.load failed on `path`, in words (one line, no terminal control codes)."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    message = _CONTROL_RE.sub(' ', str(error))
+    if size == 0:
+        return 'empty file (0 bytes): not a checkpoint; was its writing interrupted?'
+    refused = re.search(r'GLOBAL ([\w.]+)', message)
+    if refused:   # a pickle that names classes/functions: code would run to rebuild them
+        name = refused.group(1)
+        hint = (" This looks like a tutorial .pth.tar (those pickle whole modules): load it with the tutorial's "
+                "code and save decoder.state_dict(), whose parameter names DecoderWithAttention.load_state_dict "
+                "accepts." if re.search(r'DecoderWithAttention|Encoder|models\.', name) else '')
+        return f'refused: it pickles {name}, and only tensors and plain data are loaded (no code runs).{hint}'
+    if head.startswith(b'PK'):
+        return (f'truncated or damaged checkpoint ({format_size(size)}; its zip archive is incomplete): '
+                'was its writing interrupted? Use another checkpoint')
+    if head[:1] == b'\x80':
+        return f'truncated, damaged or not a tensor checkpoint ({format_size(size)} pickle that torch cannot read)'
+    return f'not a checkpoint file ({format_size(size)} of text or another format)'
 
 
 def half_state_dict(state_dict):
@@ -250,3 +327,68 @@ def format_size(num_bytes):
         if num_bytes < 1024 or unit == 'TB':
             return f'{num_bytes:.1f} {unit}' if unit != 'B' else f'{num_bytes} B'
         num_bytes /= 1024
+
+
+def truncate_jsonl(path, keep):
+    """Rewrite a JSON-lines log keeping the records for which keep(record) is true (atomically;
+    a torn last line, as a kill leaves, is dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept, changed = [], False
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                changed = True
+                continue
+            if keep(record):
+                kept.append(line if line.endswith('\n') else line + '\n')
+            else:
+                changed = True
+    if changed:
+        with atomic_path(path) as tmp:
+            with open(tmp, 'w', encoding='utf-8') as f:
+                f.writelines(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults of the file system, as one line each
+
+_DISK_ERRNOS = {errno.ENOSPC: 'the disk is full', errno.EFBIG: 'the file-size limit was reached',
+                errno.EROFS: 'the file system is read-only', errno.EDQUOT: 'the disk quota is used up',
+                errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
+
+
+def describe_error(error):
+    """One line for an exception: for file-system faults, what failed, where, and (disk full) the free space."""
+    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+        where = error.filename or ''
+        if where and os.path.basename(where).startswith('.') and where.endswith('.tmp'):
+            where = os.path.dirname(where) or '.'   # a temporary name means nothing to the user: its folder
+        text = f'cannot write {where}: {_DISK_ERRNOS[error.errno]} ({error.strerror})' if where else \
+            f'{_DISK_ERRNOS[error.errno]} ({error.strerror})'
+        if error.errno == errno.ENOSPC and where:
+            with contextlib.suppress(OSError):
+                text += f'; {format_size(shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free)} free there'
+        return text
+    return _CONTROL_RE.sub(' ', str(error)).strip() or error.__class__.__name__
+
+
+def check_writable_folder(folder, what='output folder'):
+    """Create `folder` if needed and make sure a file can be written in it (ValueError if not)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f'.write-check.{os.getpid()}.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f'{what} {folder}: cannot write there ({e.strerror})') from None
+
+
+def check_free_space(folder, needed, what):
+    """OSError(ENOSPC) naming the needed and available bytes when `folder`'s disk cannot hold `needed` more."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f'{what} needs {format_size(needed)} ({needed} bytes) but only '
+                      f'{format_size(free)} ({free} bytes) are free in {folder}')

@@ -57,6 +57,11 @@ def test_benchmarks_take_every_decoder():
         assert name in r['model'] and r['results'][0]['decode_steps'] >= 1
 
 
+def test_bench_cli_times_the_whole_inference_command(tiny_checkpoint):
+    r = bench('bench_cli.py', '--checkpoint', tiny_checkpoint, '--runs', '1')
+    assert r['command_median_s'] > r['import_torch_median_s'] > 0 and r['runs'] == 1
+
+
 def _bench_tutorial():
     import importlib.util
     spec = importlib.util.spec_from_file_location('bench_tutorial', os.path.join(REPO, 'benchmarks', 'bench_tutorial.py'))
