@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument('--image-size', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=32, help='captions per step')
     p.add_argument('--vocab-size', type=int, default=2631)
-    p.add_argument('--dim', type=int, default=512, help='embedding, attention and LSTM size')
+    p.add_argument('--dim', type=int, default=512, help='embedding, attention and LSTM size (0: the decoder\'s own sizes)')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
     p.add_argument('--steps', type=int, default=5, help='steps per timed window')
     p.add_argument('--windows', type=int, default=5, help='timed windows (the median is reported)')
@@ -116,11 +116,14 @@ def synthetic_features_bench(args, device):
         torch.nn.utils.clip_grad_value_(decoder.parameters(), 5.0)
         optimizer.step()
         return B
-    return timed(step, B, args, device), {'mode': 'synthetic-features', 'vocab_size': V, 'grid': '14x14x2048'}
+    return timed(step, B, args, device), {'mode': 'synthetic-features', 'vocab_size': V, 'grid': '14x14x2048',
+                                          'parameters': sum(p.numel() for p in decoder.parameters())}
 
 
 def dims(args):
     """--dim for each size setting the chosen decoder has."""
+    if not args.dim:                    # 0: the decoder's own sizes (dot_attention 256/512/768, show_tell 256/256)
+        return {}
     fields = decoders.decoder_fields(args.decoder)
     return {k: args.dim for k in ('emb_dim', 'attention_dim', 'decoder_dim') if k in fields}
 
