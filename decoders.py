@@ -125,7 +125,11 @@ class Attention(nn.Module):
 class DotAttention(nn.Module):
     """Scaled dot-product attention (seed 001): query from the hidden state, key and value from the
     features by linear layers, ReLU on the scaled scores before the softmax (as the seed; `relu`
-    False leaves it out)."""
+    False leaves it out).
+
+    The value layer is applied to the pooled feature, not to every cell: the weights of a row sum to
+    1, so value(sum_p alpha_p x_p) == sum_p alpha_p value(x_p), and projecting one [C] vector per row
+    and step costs far less than projecting all P cells of the image (P = 196 on a 14 x 14 grid)."""
 
     def __init__(self, encoder_dim, decoder_dim, attention_dim, relu=True):
         super().__init__()
@@ -135,8 +139,8 @@ class DotAttention(nn.Module):
         self.use_relu, self.scale = relu, 1.0 / math.sqrt(attention_dim)
 
     def prepare(self, encoder_out):
-        """[n, P, C] -> (values [n, P, C], keys [n, P, A]), once per image."""
-        return self.value(encoder_out), self.key(encoder_out)
+        """[n, P, C] -> (values [n, P, C]: the features themselves, keys [n, P, A]), once per image."""
+        return encoder_out, self.key(encoder_out)
 
     def forward(self, values, decoder_hidden, keys=None, workspace=None):
         """values [n, P, C] (the raw features when keys is None), decoder_hidden [n * k, D],
@@ -150,7 +154,7 @@ class DotAttention(nn.Module):
         if self.use_relu:
             att = att.relu()
         alpha = att.softmax(dim=-1)                                           # [n, k, P]
-        context = torch.bmm(alpha, values).view(n * k, -1)                    # [n*k, C]
+        context = self.value(torch.bmm(alpha, values).view(n * k, -1))        # [n*k, C]: value of the pooled feature
         return context, alpha.view(n * k, P)
 
 
