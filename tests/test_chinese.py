@@ -3,11 +3,11 @@ synthetic Chinese set through 00 -> 01 -> 02 -> 03, and 03's --coco-json / raw-o
 import json
 import math
 import os
-import pickle
 
 import pytest
 import torch
 
+import datasets
 import metrics
 import text
 from conftest import TINY_MODEL, script
@@ -75,10 +75,9 @@ def test_chinese_synthetic_end_to_end(zh_run, tmp_path, capsys):
     word_map = json.load(open(os.path.join(folder, f'WORDMAP_{name}.json')))
     assert {'红色', '圆形', '左边'} <= set(word_map) and ',' not in word_map
     # 01: the checkpoint carries it
-    assert torch.load(ckpt, map_location='cpu', weights_only=False)['config']['tokenizer'] == 'jieba'
+    assert torch.load(ckpt, map_location='cpu', weights_only=True)['config']['tokenizer'] == 'jieba'
     # 02: Chinese captions joined without spaces; attention figures with Chinese labels
-    with open(os.path.join(folder, f'TEST_paths_{name}.pkl'), 'rb') as f:
-        test_paths = pickle.load(f)
+    test_paths = datasets.read_paths_pickle(os.path.join(folder, f'TEST_paths_{name}.pkl'))
     out = tmp_path / 'inf'
     assert infer.main(['--img', os.path.dirname(test_paths[0]), '--checkpoint', ckpt, '--out', str(out),
                        '--visualize', '--beam-size', '2']) == 0
@@ -112,8 +111,7 @@ def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
     """03 --coco-json scores every image of an official COCO caption file against all its references:
     on the TEST images of the prepared set it gives exactly the scores of --split TEST."""
     folder, name = synth_data
-    with open(os.path.join(folder, f'TEST_paths_{name}.pkl'), 'rb') as f:
-        paths = pickle.load(f)
+    paths = datasets.read_paths_pickle(os.path.join(folder, f'TEST_paths_{name}.pkl'))
     refs = json.load(open(os.path.join(folder, f'TEST_REFS_{name}.json')))
     images = [{'id': 500 + i, 'file_name': os.path.basename(p)} for i, p in enumerate(paths)]
     anns = [{'id': k, 'image_id': 500 + i, 'caption': r} for i, rs in enumerate(refs) for k, r in enumerate(rs)]

@@ -34,7 +34,7 @@ def two_process_run(synth_data, tmp_path_factory):
 
 def test_ranks_hold_identical_parameters_equal_to_one_process(two_process_run, synth_data, tmp_path):
     out, name, stdout = two_process_run
-    r0, r1 = torch.load(out / 'rank0.pt'), torch.load(out / 'rank1.pt')
+    r0, r1 = torch.load(out / 'rank0.pt', weights_only=True), torch.load(out / 'rank1.pt', weights_only=True)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert stdout.count('epoch 0:') == 1                      # only rank 0 logs
     folder, _ = synth_data

@@ -1,7 +1,6 @@
 """00_create_input_files.py and the readers/writers of datasets.py."""
 import json
 import os
-import pickle
 
 import pytest
 from PIL import Image
@@ -38,8 +37,7 @@ def outputs(folder, base):
     def load(kind, split, ext='json'):
         path = os.path.join(folder, f'{split}_{kind}_{base}.{ext}')
         if ext == 'pkl':
-            with open(path, 'rb') as f:
-                return pickle.load(f)
+            return datasets.read_paths_pickle(path)
         return json.load(open(path))
     return load
 
