@@ -10,13 +10,17 @@ utils.save_checkpoint / utils.load_checkpoint do the file I/O). Format 2:
                     decoder_args  that decoder's Config as a dict (sizes, vocab_size, encoder_dim)
                     encoder, encoder_weights, image_size, encoded_image_size
     word_map      word -> id
-    decoder       decoder state_dict (decoder_ema: its moving average, when training kept one)
+    decoder       decoder state_dict (decoder_ema: its moving average, when training kept one); a
+                  ClipCap with a frozen pretrained GPT-2 leaves the LM out and keeps the SHA-256
+                  of its weights ('lm_digest'), checked when the LM is rebuilt from its name
     encoder       encoder state_dict, or None with encoder_delta (the entries that differ from the
-                  encoder's named pretrained weights) and encoder_digest (exported files)
+                  encoder's named pretrained weights: ImageNet, or a CLIP folder or hub name) and
+                  encoder_digest (exported files)
     ...           training state: optimizer, scheduler, rng, epoch, step, best_score, val_metrics
 
 Format 1 (the first release, one decoder) had no decoder/decoder_args: `migrate` adds them, so
-its files (the shipped checkpoint among them) load unchanged.
+its files (the shipped checkpoint among them) load unchanged. The original ClipCap's state_dicts
+are converted by `convert_clipcap_state` (tools/convert_clipcap.py writes a checkpoint from one).
 """
 import torch
 
@@ -96,7 +100,7 @@ def export(ckpt, fp16=True):
     """A small inference checkpoint from a training checkpoint dict: no optimizer or RNG state,
     floating weights in fp16, and only the encoder entries that differ from its named pretrained
     weights (with a digest to check them on load). The encoder is kept whole when its weights were
-    random or a local file."""
+    random or a local state_dict file."""
     ckpt = migrate(ckpt)
     config = ckpt['config']
     cast = utils.half_state_dict if fp16 else dict
