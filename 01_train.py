@@ -29,7 +29,7 @@ import checkpoint
 import datasets
 import text
 import utils
-from caption import beam_search, words_of
+from caption import beam_search
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
 from decoders import DECODERS, caption_loss
 from metrics import NltkBleu
@@ -45,9 +45,10 @@ ENCODER_WEIGHTS = 'imagenet'    # imagenet | none (random) | path to a state_dic
 IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224)
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
                                 # efficientnet_lite0 its native IMAGE_SIZE / 32)
-DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm
+DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm | clipcap
 # Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
-# alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256)
+# alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256;
+# clipcap.py: scratch LM of 4 blocks x 256 wide, 4 heads, MLP mapping, prefix 10, dropout 0.1)
 EMB_DIM = None                  # word embedding size (repeat_bilstm: its image layer)
 ATTENTION_DIM = None            # attention size (sat, dot_attention)
 DECODER_DIM = None              # LSTM hidden size
@@ -55,6 +56,17 @@ NUM_LAYERS = None               # LSTM layers (show_tell, repeat_bilstm)
 DROPOUT = None
 ALPHA_C = None                  # weight of the doubly stochastic attention penalty (sat, dot_attention)
 ATTENTION_RELU = None           # dot_attention: ReLU on the scores before the softmax, as seed 001
+LM = None                       # clipcap: scratch (a GPT-2 trained here over the word map) | a GPT-2 name or
+                                # save_pretrained folder (e.g. gpt2: the paper's; needs the extras)
+MAPPING = None                  # clipcap: mlp (the paper's with the LM tuned) | transformer (with --freeze-lm)
+PREFIX_LENGTH = None            # clipcap: prefix embeddings (the paper: 10 mlp, 40 transformer)
+CLIP_LENGTH = None              # clipcap transformer mapping: positions made from the image (paper: = prefix)
+MAPPING_LAYERS = None           # clipcap transformer mapping: layers (8)
+FREEZE_LM = None                # clipcap: train the mapping only (a pretrained LM is then named, not saved)
+LM_LAYERS = None                # clipcap scratch LM: blocks
+LM_DIM = None                   # clipcap scratch LM: width
+LM_HEADS = None                 # clipcap scratch LM: attention heads
+LM_POSITIONS = None             # clipcap scratch LM: positions (prefix + <start> + words)
 EPOCHS = 20                     # at most; early stopping may end sooner
 BATCH_SIZE = 32                 # captions per step (per process), rounded down to whole images
 WORKERS = 2                     # DataLoader worker processes
@@ -126,6 +138,16 @@ def make_parser(suppress=False):
     add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight', type=float)
     add('--attention-relu', ATTENTION_RELU, 'dot_attention: ReLU before the softmax',
         action=argparse.BooleanOptionalAction)
+    add('--lm', LM, "clipcap: 'scratch' or a GPT-2 (Hugging Face name or save_pretrained folder)", type=str)
+    add('--mapping', MAPPING, 'clipcap: mlp or transformer', choices=['mlp', 'transformer'])
+    add('--prefix-length', PREFIX_LENGTH, 'clipcap: prefix embeddings', type=int)
+    add('--clip-length', CLIP_LENGTH, 'clipcap transformer mapping: positions made from the image', type=int)
+    add('--mapping-layers', MAPPING_LAYERS, 'clipcap transformer mapping: layers', type=int)
+    add('--freeze-lm', FREEZE_LM, 'clipcap: train the mapping network only', action=argparse.BooleanOptionalAction)
+    add('--lm-layers', LM_LAYERS, 'clipcap scratch LM: GPT-2 blocks', type=int)
+    add('--lm-dim', LM_DIM, 'clipcap scratch LM: width', type=int)
+    add('--lm-heads', LM_HEADS, 'clipcap scratch LM: attention heads', type=int)
+    add('--lm-positions', LM_POSITIONS, 'clipcap scratch LM: positions (prefix + <start> + words)', type=int)
     add('--epochs', EPOCHS, 'maximum epochs')
     add('--batch-size', BATCH_SIZE, 'captions per step per process (whole images: rounded down to a multiple '
         'of captions per image); the global batch is this times the number of processes')
@@ -166,7 +188,10 @@ RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1
           'encoded_image_size': (0, None, '0 (the encoder\'s) or more'), 'emb_dim': (1, None, 'at least 1'),
           'attention_dim': (1, None, 'at least 1'), 'decoder_dim': (1, None, 'at least 1'),
           'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more'),
-          'num_layers': (1, None, 'at least 1')}
+          'num_layers': (1, None, 'at least 1'), 'prefix_length': (1, None, 'at least 1'),
+          'clip_length': (1, None, 'at least 1'), 'mapping_layers': (1, None, 'at least 1'),
+          'lm_layers': (1, None, 'at least 1'), 'lm_dim': (1, None, 'at least 1'), 'lm_heads': (1, None, 'at least 1'),
+          'lm_positions': (2, None, 'at least 2')}
 OPEN_RANGES = {'decoder_lr': (0, None), 'encoder_lr': (0, None), 'lr_decay': (0, 1)}   # lowest < value (<= highest)
 UNIT_RANGES = ('dropout', 'label_smoothing', 'ema_decay')                            # 0 <= value < 1
 
@@ -352,7 +377,8 @@ class Trainer:
         # Models
         ckpt = resume_ckpt or init_ckpt
         weights = encoder_weights_for(ckpt) if ckpt else config['encoder_weights']
-        encoder, decoder = build_models(config, len(self.word_map), weights, self._data_limits(folder, name))
+        encoder, decoder = build_models(config, len(self.word_map), weights, self._data_limits(folder, name),
+                                        self.word_map)
         config['decoder_args'] = decoder.args()
         config.update({k: config['decoder_args'].get(k) for k in DECODER_SETTINGS})   # what the run uses
         if ckpt:
@@ -394,7 +420,7 @@ class Trainer:
                                      batch_size=max(1, 64 // self.cpi), **loader_kw)
 
         # Optimisation
-        groups = [{'params': list(decoder.parameters()), 'lr': config['decoder_lr']}]
+        groups = [{'params': [p for p in decoder.parameters() if p.requires_grad], 'lr': config['decoder_lr']}]
         enc_params = [p for p in encoder.parameters() if p.requires_grad]
         if enc_params:
             groups.append({'params': enc_params, 'lr': config['encoder_lr']})
@@ -665,7 +691,7 @@ class Trainer:
             tf_loss.update(caption_loss(out).item(), out.targets.numel())
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
             for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
-                res[i] = [' '.join(words_of(hyp['tokens'], rev))]
+                res[i] = [' '.join(decoder.words(hyp['tokens'], rev))]
                 gts[i] = self.val_refs[i]
                 if len(samples) < 3:
                     samples.append({'caption': res[i][0], 'ref': self.val_refs[i][0]})

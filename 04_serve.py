@@ -206,10 +206,10 @@ class Captioner:
         return [dict(self.answer(hyp), batch_size=len(items), model_ms=model_ms) for hyp in hyps]
 
     def answer(self, hyp):
-        words = caption.words_of(hyp['tokens'], self.rev_word_map)
+        words = self.decoder.words(hyp['tokens'], self.rev_word_map)
         beams = hyp.get('beams') or [hyp]                     # older beam_search: the best one alone
         out = {'caption': ' '.join(words), 'words': words, 'finished': bool(hyp['finished']),
-               'beams': [{'caption': ' '.join(caption.words_of(b['tokens'], self.rev_word_map)),
+               'beams': [{'caption': ' '.join(self.decoder.words(b['tokens'], self.rev_word_map)),
                           'score': round(float(b['score']), 4), 'norm_score': round(float(b['norm_score']), 4)}
                          for b in beams],
                'attention': None}

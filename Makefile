@@ -76,8 +76,11 @@ flickr8k-cn-checkpoint: $(STAMP)
 
 # The model zoo (README table): decoder $(DECODER) trained with the provided checkpoint's recipe on
 # frozen EfficientNet-Lite0 features of Flickr8k TRAIN, selected on VAL, scored on VAL at beam 3:
-#     make flickr8k-zoo DECODER=show_tell      (sat | dot_attention | show_tell | repeat_bilstm)
+#     make flickr8k-zoo DECODER=show_tell      (sat | dot_attention | show_tell | repeat_bilstm | clipcap)
+# clipcap's default is its CPU-sized GPT-2 trained from scratch over the word map (--lm scratch);
+# ZOO_FLAGS adds decoder flags, e.g. ZOO_FLAGS='--lm-layers 2'.
 DECODER ?= sat
+ZOO_FLAGS ?=
 ZOO_RUN = runs/zoo_$(DECODER)
 
 .PHONY: flickr8k-zoo
@@ -86,6 +89,6 @@ flickr8k-zoo: $(STAMP)
 	    --karpathy-json $(FLICKR8K_JSON) --image-folder $(FLICKR8K_IMAGES) --output-folder data/flickr8k
 	$(PY) 01_train.py --data-folder data/flickr8k --decoder $(DECODER) --encoder efficientnet_lite0 \
 	    --encoder-weights imagenet --epochs 12 --workers 0 --val-beam-size 3 --ema-decay 0.999 \
-	    --label-smoothing 0.1 --lr-patience 2 --early-stop 4 --out-dir $(ZOO_RUN)
+	    --label-smoothing 0.1 --lr-patience 2 --early-stop 4 --out-dir $(ZOO_RUN) $(ZOO_FLAGS)
 	$(PY) 03_evaluate.py --checkpoint $(ZOO_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt --data-folder data/flickr8k \
 	    --split VAL --beam-sizes 3 --out $(ZOO_RUN)/val_metrics.json

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import checkpoint
 import text
+from decoders import words_of  # noqa: F401 - the word-map case of decoder.words, for callers of caption.words_of
 from utils import atomic_path
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -29,9 +30,11 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     by score / (length ** length_norm) is returned (length counts the words and <end>); when none
     finished within `max_len` words, the best unfinished one is. `min_len` forbids <end> before that
     many words; `no_repeat_ngram_size` n forbids repeating any n-gram. <start> and <pad> are never
-    emitted, nor <unk> unless `allow_unk`.
+    emitted, nor <unk> unless `allow_unk`. The tokens are the decoder's (decoder.special_tokens):
+    word ids, or for ClipCap with a pretrained GPT-2 its BPE tokens (lengths then count those);
+    decoder.words turns them into words.
 
-    Returns one dict per image: 'tokens' (word ids, without <start>/<end>), 'score' (summed log
+    Returns one dict per image: 'tokens' (token ids, without <start>/<end>), 'score' (summed log
     probability), 'norm_score', 'finished' (bool), 'alphas' ([len(tokens) (+1 with <end>), P] float
     tensor: the attention behind each emitted token; None for decoders without attention), 'steps'
     (decoding steps the image took) and 'beams' (the finished hypotheses, best first, at most
@@ -40,11 +43,11 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     B = encoder_out.size(0)
     enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
     P, V, k = enc.size(1), decoder.vocab_size, beam_size
-    start, end = word_map['<start>'], word_map['<end>']
+    start, end, never = decoder.special_tokens(word_map, allow_unk)          # the word map's, or the LM's
     device = enc.device
     attention = decoder.has_attention
     banned = torch.zeros(V, device=device)                                    # added to every step's scores
-    banned[[word_map[w] for w in ('<start>', '<pad>') + (() if allow_unk else ('<unk>',)) if w in word_map]] = float('-inf')
+    banned[never] = float('-inf')
 
     memory = decoder.prepare(enc, k)                                          # per image, once
     state = decoder.init_state(memory, k)                                     # [B*k, ...]: row = image*k + beam
@@ -149,10 +152,6 @@ def _ngram_penalty(seqs, n, vocab_size):
     return penalty[:, :vocab_size]
 
 
-def words_of(tokens, rev_word_map):
-    return [rev_word_map[t] for t in tokens if rev_word_map[t] not in ('<start>', '<end>', '<pad>')]
-
-
 @torch.inference_mode()
 def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0,
                   device='cpu', progress=True, **beam_kw):
@@ -178,7 +177,7 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
         enc = encoder(images.to(device, non_blocking=True))                   # [b, g, g, C]
         for k in beam_sizes:
             for i, hyp in zip(indices, beam_search(decoder, enc, word_map, beam_size=k, **beam_kw)):
-                hyp['words'] = words_of(hyp['tokens'], rev)
+                hyp['words'] = decoder.words(hyp['tokens'], rev)
                 results[i] = results[i] or {}
                 results[i][k] = hyp
     return results, failures

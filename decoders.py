@@ -15,7 +15,9 @@ one evaluation serve them all:
 Memory stays indexed by image and state by row, so the beams of an image share its features.
 Each decoder has a `Config` dataclass (its hyper-parameters; stored in checkpoints as
 config['decoder_args']) and a name in DECODERS. Adding a decoder is a class and a registry line:
-nothing outside this file changes.
+nothing outside this file changes. The tokens step() scores are the word map's ids, except for
+ClipCap with a pretrained GPT-2 (clipcap.py), whose special_tokens / words / use_word_map say how
+its BPE vocabulary relates to the word map.
 """
 import collections
 import dataclasses
@@ -61,6 +63,28 @@ class Decoder(nn.Module):
 
     def select_memory(self, memory, keep):
         return tuple(m[keep] for m in memory)
+
+    # The tokens step() scores are the word map's ids for every decoder here except ClipCap with a
+    # pretrained GPT-2 (its BPE vocabulary): these three methods are where that difference lives.
+
+    def special_tokens(self, word_map, allow_unk=False):
+        """(start token, end token, ids never emitted) of the vocabulary step() scores: the word map's
+        <start>, <end>, and <start>, <pad> (and <unk> unless allow_unk) never emitted."""
+        never = ('<start>', '<pad>') + (() if allow_unk else ('<unk>',))
+        return word_map['<start>'], word_map['<end>'], [word_map[w] for w in never if w in word_map]
+
+    def words(self, tokens, rev_word_map):
+        """Emitted tokens (list of ids) -> the caption's words."""
+        return words_of(tokens, rev_word_map)
+
+    def use_word_map(self, word_map, tokenizer='words'):
+        """Told the prepared word map (and its tokenizer) before training: nothing to do when the word
+        map is the decoder's vocabulary."""
+
+
+def words_of(tokens, rev_word_map):
+    """Word ids -> words, without <start>/<end>/<pad>."""
+    return [rev_word_map[t] for t in tokens if rev_word_map[t] not in ('<start>', '<end>', '<pad>')]
 
 
 def sort_captions(captions, lengths, image_index):
@@ -402,7 +426,12 @@ DECODERS = {
     'dot_attention': DotAttentionDecoder,  # seed 001: scaled dot-product attention
     'show_tell': ShowTell,                 # seed 002: no attention, image as the first LSTM input
     'repeat_bilstm': RepeatBiLSTM,         # seed 004: non-autoregressive baseline
+    # 'clipcap': clipcap.ClipCap (seed 003: an image prefix for GPT-2), added by clipcap.py below
 }
+# ClipCap lives in its own module (it builds on Decoder; transformers is imported only when one is
+# built) and adds itself to DECODERS. A plain `import` of a module being imported does not fail, so
+# the registry is complete whichever of the two modules is imported first.
+import clipcap  # noqa: E402,F401
 
 
 def decoder_fields(name):

