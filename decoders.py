@@ -62,6 +62,11 @@ class Decoder(nn.Module):
     def select_memory(self, memory, keep):
         return tuple(m[keep] for m in memory)
 
+    def step_limit(self):
+        """The most decoding steps the decoder has (None: no limit); teacher forcing refuses longer
+        captions."""
+        return None
+
 
 def sort_captions(captions, lengths, image_index):
     """Length-sort a batch of captions (pack_padded_sequence's order).
@@ -364,6 +369,9 @@ class RepeatBiLSTM(Decoder):
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(2 * cfg.decoder_dim, cfg.vocab_size)
+
+    def step_limit(self):
+        return self.cfg.max_len
 
     def position_scores(self, features):
         """features -> scores [B, max_len, V] for every position (always all max_len of them: the
