@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument('--init-from', default='', help='checkpoint for the model (default: a random one, see --encoder)')
     p.add_argument('--encoder', default='resnet18', help='without --init-from (default: %(default)s)')
     p.add_argument('--image-size', type=int, default=64, help='without --init-from (default: %(default)s)')
+    p.add_argument('--dim', type=int, default=0, help="without --init-from: embedding, attention and LSTM size "
+                   "(0: the decoder's own)")
     p.add_argument('--batch-size', type=int, default=32, help='captions per step: whole images (default: %(default)s)')
     p.add_argument('--samples', type=int, default=5, help='samples per image (default: %(default)s)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
@@ -64,7 +66,8 @@ def main(argv=None):
     folder = args.data_folder or ensure_synthetic_data()
     train = importlib.import_module('01_train')
     model = (['--init-from', args.init_from] if args.init_from else
-             ['--encoder', args.encoder, '--encoder-weights', 'none', '--image-size', str(args.image_size)])
+             ['--encoder', args.encoder, '--encoder-weights', 'none', '--image-size', str(args.image_size),
+              *(a for k in ('--emb-dim', '--attention-dim', '--decoder-dim') for a in (k, str(args.dim)) if args.dim)])
     argv = ['--data-folder', folder, *model, '--objective', 'scst', '--scst-samples', str(args.samples),
             '--batch-size', str(args.batch_size), '--workers', '0', '--device', args.device, '--cache-features',
             '--out-dir', os.path.join(HERE, '.data', 'bench_cider_run'), '--overwrite']
