@@ -8,9 +8,13 @@
     python 01_train.py --resume runs/.../checkpoint_....pt    # continue exactly where a run stopped
     torchrun --nproc_per_node=4 01_train.py ...          # several GPUs (DistributedDataParallel)
 
-Edit the constants below or pass flags (flags win). The model is selected by BLEU-4 of captions it
-generates for the VAL images (scored against every raw reference), not by teacher-forced scores.
-Ctrl-C saves a resumable checkpoint and exits.
+    python 01_train.py --objective scst --init-from runs/.../BEST_checkpoint_....pt   # stage 3: self-critical
+                                                          # training (CIDEr-D reward, scst.py)
+
+Edit the constants below or pass flags (flags win). The model is selected by BLEU-4 (--select-by;
+self-critical runs: CIDEr) of captions it generates for the VAL images (scored against every raw
+reference), not by teacher-forced scores. Each epoch logs both VAL BLEU-4 and CIDEr-D (cider.py, df
+from the scored VAL references). Ctrl-C saves a resumable checkpoint and exits.
 """
 import argparse
 import contextlib
@@ -19,6 +23,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -31,9 +36,11 @@ import text
 import utils
 from caption import beam_search
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
+from cider import CiderD
 from decoders import DECODERS, caption_loss
 from metrics import NltkBleu
 from models import DECODER_SETTINGS, ENCODERS, build_models, default_grid
+from scst import BASELINES, SelfCritical
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -70,10 +77,18 @@ LM_POSITIONS = None             # clipcap scratch LM: positions (prefix + <start
 EPOCHS = 20                     # at most; early stopping may end sooner
 BATCH_SIZE = 32                 # captions per step (per process), rounded down to whole images
 WORKERS = 2                     # DataLoader worker processes
-DECODER_LR = 4e-4
+DECODER_LR = 4e-4               # cross-entropy; self-critical runs default to SCST_DECODER_LR
 ENCODER_LR = 1e-4               # used when fine-tuning the encoder
 GRAD_CLIP = 5.0                 # clip gradient values to [-GRAD_CLIP, GRAD_CLIP] (0 = off)
 LABEL_SMOOTHING = 0.0
+OBJECTIVE = 'xe'                # xe (cross-entropy, teacher forcing) | scst (self-critical: raise the CIDEr-D
+                                # of sampled captions; start it from a trained model with --init-from)
+SCST_SAMPLES = 5                # captions sampled per image per step (scst)
+SCST_BASELINE = 'mean'          # mean: of the image's other samples | greedy: its greedy caption's reward
+SCST_MAX_LEN = 20               # most tokens (words + <end>) of a sampled caption
+SCST_DECODER_LR = 5e-5          # the decoder learning rate of a self-critical run unless --decoder-lr is given
+SELECT_BY = 'auto'              # VAL metric that selects BEST and drives the schedule: BLEU-4 | CIDEr
+                                # (auto: BLEU-4 for xe, CIDEr for scst)
 EMA_DECAY = 0.0                 # keep an exponential moving average of the decoder's weights (e.g. 0.999;
                                 # 0 = off); validation, BEST and inference then use the average
 LR_PATIENCE = 3                 # epochs without VAL improvement before the learning rate is cut ...
@@ -101,6 +116,7 @@ RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps
                       'data_folder', 'resume', 'early_stop', 'overwrite'}
 # Model-shape settings that --init-from takes from its checkpoint.
 MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'decoder', 'decoder_args')
+SELECT_KEYS = {'BLEU-4': 'bleu4', 'CIDEr': 'cider'}   # --select-by -> the VAL metric's key
 
 
 
@@ -152,10 +168,18 @@ def make_parser(suppress=False):
     add('--batch-size', BATCH_SIZE, 'captions per step per process (whole images: rounded down to a multiple '
         'of captions per image); the global batch is this times the number of processes')
     add('--workers', WORKERS, 'DataLoader workers')
-    add('--decoder-lr', DECODER_LR, 'decoder learning rate')
+    add('--decoder-lr', DECODER_LR, f'decoder learning rate (--objective scst: {SCST_DECODER_LR} unless given)')
     add('--encoder-lr', ENCODER_LR, 'encoder learning rate when fine-tuning')
     add('--grad-clip', GRAD_CLIP, 'clip gradient values (0 = off)')
     add('--label-smoothing', LABEL_SMOOTHING, 'label smoothing of the cross-entropy')
+    add('--objective', OBJECTIVE, 'xe: cross-entropy; scst: self-critical training with a CIDEr-D reward',
+        choices=['xe', 'scst'])
+    add('--scst-samples', SCST_SAMPLES, 'scst: captions sampled per image per step')
+    add('--scst-baseline', SCST_BASELINE, "scst: the reward's baseline (mean of the image's other samples, or "
+        "its greedy caption's reward)", choices=list(BASELINES))
+    add('--scst-max-len', SCST_MAX_LEN, 'scst: most tokens of a sampled caption (words + <end>)')
+    add('--select-by', SELECT_BY, 'VAL metric for BEST and the schedule (auto: BLEU-4 for xe, CIDEr for scst)',
+        choices=['auto', *SELECT_KEYS])
     add('--ema-decay', EMA_DECAY, 'per-step decay of a moving average of the decoder weights (0 = off)')
     add('--lr-patience', LR_PATIENCE, 'epochs without improvement before the learning rate is cut')
     add('--lr-decay', LR_DECAY, 'learning-rate cut factor')
@@ -191,7 +215,8 @@ RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1
           'num_layers': (1, None, 'at least 1'), 'prefix_length': (1, None, 'at least 1'),
           'clip_length': (1, None, 'at least 1'), 'mapping_layers': (1, None, 'at least 1'),
           'lm_layers': (1, None, 'at least 1'), 'lm_dim': (1, None, 'at least 1'), 'lm_heads': (1, None, 'at least 1'),
-          'lm_positions': (2, None, 'at least 2')}
+          'lm_positions': (2, None, 'at least 2'),
+          'scst_samples': (1, None, 'at least 1'), 'scst_max_len': (1, None, 'at least 1')}
 OPEN_RANGES = {'decoder_lr': (0, None), 'encoder_lr': (0, None), 'lr_decay': (0, 1)}   # lowest < value (<= highest)
 UNIT_RANGES = ('dropout', 'label_smoothing', 'ema_decay')                            # 0 <= value < 1
 
@@ -212,6 +237,8 @@ def check_ranges(config):
     for key in UNIT_RANGES:
         if key in config and not 0 <= config[key] < 1:
             raise bad(key, 'at least 0 and below 1')
+    if config.get('objective') == 'scst' and config.get('scst_baseline') == 'mean' and config['scst_samples'] < 2:
+        raise bad('scst_samples', 'at least 2 with --scst-baseline mean (the baseline is the other samples)')
 
 
 def check_run_folder(config):
@@ -237,7 +264,8 @@ def resolve_config(argv, device):
     resume_ckpt = init_ckpt = None
     if config['resume']:
         resume_ckpt = checkpoint.load(config['resume'])
-        saved = resume_ckpt['config']
+        # settings newer than the checkpoint take their defaults (an older run: cross-entropy, BLEU-4)
+        saved = {**vars(make_parser().parse_args([])), 'select_by': 'BLEU-4', **resume_ckpt['config']}
         for key, value in given.items():
             if key not in RESUME_OVERRIDABLE and key in saved and saved[key] != value:
                 raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '
@@ -263,6 +291,11 @@ def resolve_config(argv, device):
         config['data_name'] = config['data_name'] or init_ckpt['config']['data_name']
     if config['encoder'] == 'auto':
         config['encoder'] = 'resnet101' if device.type == 'cuda' else 'efficientnet_lite0'
+    scst = config['objective'] == 'scst'
+    if config['select_by'] == 'auto':
+        config['select_by'] = 'CIDEr' if scst else 'BLEU-4'
+    if scst and 'decoder_lr' not in given:
+        config['decoder_lr'] = SCST_DECODER_LR
     spec = ENCODERS.get(config['encoder'])
     if spec is None:
         raise SystemExit(f"unknown --encoder {config['encoder']!r}; choose from auto, {', '.join(ENCODERS)}")
@@ -270,7 +303,7 @@ def resolve_config(argv, device):
     config['encoded_image_size'] = config['encoded_image_size'] or default_grid(config['encoder'], config['image_size'])
     config['data_name'] = config['data_name'] or utils.find_data_name(config['data_folder'])
     if not config['out_dir']:
-        suffix = '_finetune' if config['fine_tune_encoder'] else ''
+        suffix = ('_finetune' if config['fine_tune_encoder'] else '') + ('_scst' if scst else '')
         config['out_dir'] = os.path.join('runs', config['data_name'] + suffix)
     if config['fine_tune_encoder'] and given.get('cache_features'):
         raise SystemExit('--cache-features needs a frozen encoder; drop it or --fine-tune-encoder')
@@ -413,8 +446,10 @@ class Trainer:
         loader_kw = dict(num_workers=config['workers'], pin_memory=self.cuda,
                          persistent_workers=config['workers'] > 0,
                          generator=torch.Generator())   # its own generator: the global RNG stays resumable
-        self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler, **loader_kw)
+        # items (image index, image, captions, caplens): self-critical training looks up references by index
+        self.train_loader = DataLoader(datasets.Indexed(self.train_set), batch_sampler=self.sampler, **loader_kw)
         self.val_refs = val_set.refs()
+        self.val_ref_tokens = None   # tokenised on first use (VAL CIDEr-D)
         n_val = min(val_set.num_images, config['val_max_images'] or val_set.num_images)
         self.val_loader = DataLoader(torch.utils.data.Subset(val_set, range(n_val)),
                                      batch_size=max(1, 64 // self.cpi), **loader_kw)
@@ -440,8 +475,8 @@ class Trainer:
         if config.get('ema_decay'):
             self.ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config['ema_decay']))
         self.state = {'epoch': 0, 'images_done': 0, 'step': 0, 'best_score': -1.0, 'best_epoch': -1,
-                      'epochs_since_improvement': 0,
-                      'epoch_loss_sum': 0.0, 'epoch_loss_steps': 0}   # the epoch's train loss survives a resume
+                      'epochs_since_improvement': 0,   # the epoch's train loss (and reward) survive a resume:
+                      'epoch_loss_sum': 0.0, 'epoch_loss_steps': 0, 'epoch_scst_sums': [0.0] * 4}
         if resume_ckpt:
             self.optimizer.load_state_dict(resume_ckpt['optimizer'])
             self.scheduler.load_state_dict(resume_ckpt['scheduler'])
@@ -454,11 +489,19 @@ class Trainer:
             self.log(f"resuming {config['resume']}: epoch {self.state['epoch']}, {self.state['images_done']} "
                      f"images into it, step {self.state['step']}")
 
-        # What the training step calls: DDP wrappers in distributed runs, a compiled encoder on request
-        self.train_decoder, self.train_encoder = decoder, encoder
+        # Self-critical training: the objective module (sampling, reward, loss around the decoder)
+        self.scst = config['objective'] == 'scst'
+        model = self.objective = decoder
+        if self.scst:
+            model = self.objective = SelfCritical(decoder, self._train_reward(), self.word_map, config['scst_samples'],
+                                 config['scst_baseline'], config['scst_max_len'])
+
+        # What the training step calls: DDP wrappers in distributed runs (around the whole objective for
+        # scst), a compiled encoder on request
+        self.train_model, self.train_encoder = model, encoder
         if world > 1:
             ids = [device.index] if self.cuda else None
-            self.train_decoder = DDP(decoder, device_ids=ids)
+            self.train_model = DDP(model, device_ids=ids)
             if enc_params:
                 self.train_encoder = DDP(encoder, device_ids=ids)
         if config['compile'] and not self.use_cache:
@@ -487,6 +530,18 @@ class Trainer:
         utils.truncate_jsonl(os.path.join(self.out_dir, 'steps.jsonl'), lambda r: r.get('step', 0) <= self.state['step'])
         utils.truncate_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'),
                              lambda r: r.get('epoch', 0) < self.state['epoch'])
+
+    def _train_reward(self):
+        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py)."""
+        start, tokenizer = time.time(), self.config['tokenizer']
+        refs = [[text.tokenize(r, tokenizer) for r in image_refs] for image_refs in self.train_set.refs()]
+        if len(refs) != self.train_set.num_images:
+            raise ValueError(f'{self.train_set.refs_path}: references of {len(refs)} images, the TRAIN split has '
+                             f'{self.train_set.num_images}: re-run 00_create_input_files.py')
+        reward = CiderD(refs)
+        self.log(f'self-critical reward: CIDEr-D against the references of {len(refs)} TRAIN images '
+                 f'({len(reward.ids)} n-grams, {time.time() - start:.1f} s)')
+        return reward
 
     @staticmethod
     def _data_limits(folder, name):
@@ -525,10 +580,16 @@ class Trainer:
 
     def run(self):
         config, state = self.config, self.state
-        self.log(f"training {self.encoder.name} ({'cached features' if self.use_cache else 'images'}, "
+        if self.scst:
+            what = (f"self-critical training ({config['scst_samples']} samples per image, {config['scst_baseline']} "
+                    "baseline, CIDEr-D reward)")
+            per_step = f"{self.images_per_batch} images x {config['scst_samples']} samples per step"
+        else:
+            what, per_step = 'training', f'{self.images_per_batch * self.cpi} captions per step'
+        self.log(f"{what} of {self.encoder.name} ({'cached features' if self.use_cache else 'images'}, "
                  f"{'fine-tuned' if self.fine_tuning else 'frozen'}) + {config['decoder']} decoder on {config['data_name']}: "
-                 f"{self.train_set.num_images} images x {self.cpi} captions, {self.images_per_batch * self.cpi} "
-                 f"captions per step{f' x {self.world} processes' if self.world > 1 else ''}, device "
+                 f"{self.train_set.num_images} images x {self.cpi} captions, {per_step}"
+                 f"{f' x {self.world} processes' if self.world > 1 else ''}, device "
                  f"{self.device}; run folder {self.out_dir}")
         with Stopper() as stopper:
             while state['epoch'] < config['epochs']:
@@ -550,7 +611,8 @@ class Trainer:
                     self.log(f'--max-steps reached; continue with: python 01_train.py --resume {self.ckpt_path}')
                     return 0
         if os.path.exists(self.best_path):
-            self.log(f"best VAL BLEU-4 {state['best_score']:.4f} (epoch {state['best_epoch']}): {self.best_path}")
+            self.log(f"best VAL {config['select_by']} {state['best_score']:.4f} (epoch {state['best_epoch']}): "
+                     f"{self.best_path}")
         else:   # e.g. resumed with --epochs no higher than the epochs already done
             self.log(f"no epoch ended in this run folder ({state['epoch']} of {config['epochs']} epochs done): "
                      f"no BEST checkpoint; continue with --resume {self.ckpt_path} --epochs N")
@@ -558,11 +620,12 @@ class Trainer:
 
     def end_epoch(self, stats, val):
         """Schedule, early-stopping count, checkpoints and the metrics log after validation."""
-        state, score = self.state, val['bleu4']
+        key = SELECT_KEYS[self.config['select_by']]
+        state, score = self.state, val[key]
         self.scheduler.step(score)
         improved = score > state['best_score']
         state['epoch'] += 1
-        state.update(images_done=0, epoch_loss_sum=0.0, epoch_loss_steps=0)
+        state.update(images_done=0, epoch_loss_sum=0.0, epoch_loss_steps=0, epoch_scst_sums=[0.0] * 4)
         if improved:
             state.update(best_score=score, best_epoch=state['epoch'] - 1, epochs_since_improvement=0)
         else:
@@ -571,13 +634,20 @@ class Trainer:
         if improved and self.main:
             utils.save_checkpoint(self.best_path, utils.load_checkpoint(self.ckpt_path))
         record = {'epoch': state['epoch'] - 1, 'step': state['step'], **stats, **val,
-                  'lr': self.optimizer.param_groups[0]['lr'], 'best_bleu4': state['best_score']}
+                  'lr': self.optimizer.param_groups[0]['lr'], 'select_by': self.config['select_by'],
+                  f'best_{key}': state['best_score']}
         if self.main:
             utils.append_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'), record)
-        self.log(f"epoch {record['epoch']}: train loss {stats['train_loss']:.3f} top-5 {stats['train_top5']:.1f}% "
-                 f"({stats['captions_per_s']:.0f} captions/s) | VAL teacher-forced loss {val['val_tf_loss']:.3f} "
-                 f"top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam {self.config['val_beam_size']}) "
-                 f"BLEU-4 {score:.4f}{' (best)' if improved else ''}")
+        if self.scst:
+            train = (f"train reward {stats['train_reward']:.3f} (baseline {stats['train_baseline']:.3f}, "
+                     f"{stats['sample_len']:.1f} words per sample)")
+        else:
+            train = f"train loss {stats['train_loss']:.3f} top-5 {stats['train_top5']:.1f}%"
+        best = {k: ' (best)' if improved and k == key else '' for k in SELECT_KEYS.values()}
+        self.log(f"epoch {record['epoch']}: {train} ({stats['captions_per_s']:.0f} captions/s) | VAL teacher-forced "
+                 f"loss {val['val_tf_loss']:.3f} top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam "
+                 f"{self.config['val_beam_size']}) BLEU-4 {val['bleu4']:.4f}{best['bleu4']} "
+                 f"CIDEr {val['cider']:.4f}{best['cider']}")
         for sample in val['samples'][:2]:
             self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
 
@@ -590,10 +660,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 return encoder(x).float()
 
-    def train_step(self, x, caps, caplens):
-        """One optimisation step on a batch of images with all their captions:
-        x [b, 3, S, S] images or [b, C, h, w] cached features, caps [b, cpi, L], caplens [b, cpi].
-        Returns (loss, decoder output, captions in the global batch)."""
+    def xe_loss(self, x, caps, caplens):
+        """Cross-entropy on a batch of images with all their captions: x [b, 3, S, S] images or
+        [b, C, h, w] cached features, caps [b, cpi, L], caplens [b, cpi].
+        Returns (loss, decoder output, images in the global batch)."""
         config, device, cpi, world = self.config, self.device, self.cpi, self.world
         b = caps.size(0)
         caps = caps.to(device, non_blocking=True).view(b * cpi, -1)              # [b*cpi, L]
@@ -601,87 +671,146 @@ class Trainer:
         image_index = torch.arange(b, device=device).repeat_interleave(cpi)      # caption -> image row
         enc = self.encode(self.train_encoder, x)                                 # [b, g, g, C]
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.train_decoder(enc, caps, caplens, image_index)
+            out = self.train_model(enc, caps, caplens, image_index)
         # Normalise by the global batch's token and caption counts: averaging gradients over
         # processes then gives exactly the gradient of the whole global batch.
         counts = utils.all_reduce_sum(torch.tensor([out.targets.numel(), b * cpi], dtype=torch.float64,
                                                    device=device)).tolist()
         loss = caption_loss(out, config['label_smoothing'],
                             num_tokens=counts[0] / world, num_captions=counts[1] / world)
+        return loss, out, int(counts[1]) // cpi
+
+    def scst_loss(self, idx, x):
+        """Self-critical loss (scst.py) on a batch of images: idx [b] TRAIN image indices, x as xe_loss.
+        The uniforms behind the samples are drawn for the whole global batch from this step's generator
+        and each process takes its images' rows, so the samples do not depend on the process count.
+        Returns (loss, sums float64 [4] of this process: reward, baseline, words, samples; images in the
+        global batch)."""
+        device, world, n, b = self.device, self.world, self.config['scst_samples'], len(idx)
+        sizes = torch.zeros(world, dtype=torch.float64, device=device)
+        sizes[self.rank] = b
+        sizes = [int(v) for v in utils.all_reduce_sum(sizes).tolist()]               # images per process
+        total, first = sum(sizes), sum(sizes[:self.rank])
+        uniforms = torch.rand(total * n, self.objective.max_len, generator=self.sample_generator(),
+                              dtype=torch.float64)[first * n:(first + b) * n]           # [b*n, max_len]
+        enc = self.encode(self.train_encoder, x)                                     # [b, g, g, C]
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss, sums = self.train_model(enc, idx.to(device), uniforms, total * n / world)
+        return loss, sums, total
+
+    def sample_generator(self):
+        """This step's sampling generator, seeded from the run's seed and the step number: a resumed
+        run draws the same numbers (its state is the checkpoint's step: nothing more to save)."""
+        entropy = [self.config['seed'] % 2 ** 63, self.state['step']]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+    def train_step(self, idx, x, caps, caplens):
+        """One optimisation step on a batch of images (idx [b] their indices; see xe_loss).
+        Returns (loss, decoder output (xe) or None, images in the global batch, sums (scst) or None)."""
+        out = sums = None
+        if self.scst:
+            loss, sums, images = self.scst_loss(idx, x)
+        else:
+            loss, out, images = self.xe_loss(x, caps, caplens)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if config['grad_clip']:
+        if self.config['grad_clip']:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_value_(self.params, config['grad_clip'])
+            torch.nn.utils.clip_grad_value_(self.params, self.config['grad_clip'])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update_parameters(self.decoder)
-        return loss, out, int(counts[1])
+        return loss, out, images, sums
 
     def train_epoch(self, stopper):
         """The (rest of the) current epoch. Returns (None | 'interrupt' | 'max_steps', stats)."""
         config, state, device, world = self.config, self.state, self.device, self.world
         self.train_encoder.train()
-        self.train_decoder.train()
+        self.train_model.train()
         losses, top5s = utils.AverageMeter(), utils.AverageMeter()
         losses.sum, losses.count = state['epoch_loss_sum'], state['epoch_loss_steps']   # resumed mid-epoch
         losses.avg = losses.sum / max(losses.count, 1)
+        epoch_sums = list(state['epoch_scst_sums'])       # scst: reward, baseline, words, samples this epoch
+        per_image = config['scst_samples'] if self.scst else self.cpi
         steps_planned, steps, captions_seen, start = len(self.sampler), 0, 0, time.time()
         steps_before = state['images_done'] // (self.images_per_batch * world)   # done before a resume
         bar = tqdm(self.train_loader, desc=f"epoch {state['epoch']}", unit='step', disable=None if self.main else True,
                    leave=False, dynamic_ncols=True, initial=steps_before, total=steps_before + steps_planned)
         stop = None
-        for x, caps, caplens in bar:
-            loss, out, n_captions = self.train_step(x, caps, caplens)
+        for idx, x, caps, caplens in bar:
+            loss, out, images, sums = self.train_step(idx, x, caps, caplens)
             state['step'] += 1
-            state['images_done'] += n_captions // self.cpi
+            state['images_done'] += images
             steps += 1
             self.steps_this_run += 1
-            captions_seen += n_captions
+            captions_seen += images * per_image
             at_limit = bool(config['max_steps']) and self.steps_this_run >= config['max_steps']
-            # One all-reduce: the global batch's loss (the mean of the processes' parts) and the stop
-            # flags, so every process stops at the same step.
-            shared = utils.all_reduce_sum(torch.tensor([loss.item() / world, float(stopper.requested),
-                                                        float(at_limit)], dtype=torch.float64, device=device))
-            loss_value = shared[0].item()
+            # One all-reduce: the global batch's loss (the mean of the processes' parts), the stop
+            # flags (so every process stops at the same step) and the self-critical sums.
+            shared = torch.tensor([loss.item() / world, float(stopper.requested), float(at_limit)],
+                                  dtype=torch.float64, device=device)
+            if sums is not None:
+                shared = torch.cat([shared, sums.to(device, torch.float64)])
+            shared = utils.all_reduce_sum(shared).tolist()
+            loss_value = shared[0]
             losses.update(loss_value)
             state['epoch_loss_sum'], state['epoch_loss_steps'] = losses.sum, losses.count
+            scst_record = {}
+            if sums is not None:
+                epoch_sums = [a + b for a, b in zip(epoch_sums, shared[3:])]
+                state['epoch_scst_sums'] = epoch_sums
+                count = shared[6]
+                scst_record = {'reward': shared[3] / count, 'baseline': shared[4] / count,
+                               'sample_len': shared[5] / count, 'avg_reward': epoch_sums[0] / epoch_sums[3]}
             log_now = config['log_every'] and state['step'] % config['log_every'] == 0
-            if log_now or steps == 1:
+            if out is not None and (log_now or steps == 1):
                 top5s.update(utils.topk_accuracy(out.scores.detach().float(), out.targets, 5))
             rate = captions_seen / max(time.time() - start, 1e-9)
             if self.main:
-                bar.set_postfix(loss=f'{losses.avg:.3f}', lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                shown = {'reward': f"{scst_record['avg_reward']:.3f}"} if scst_record else {}
+                bar.set_postfix(loss=f'{losses.avg:.3f}', **shown, lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 cap_s=f'{rate:.0f}')
                 if log_now and bar.disable:   # no progress bar (output is not a terminal): a plain line
+                    reward = (f"reward {scst_record['avg_reward']:.3f} (this step {scst_record['reward']:.3f}, "
+                              f"baseline {scst_record['baseline']:.3f}, {scst_record['sample_len']:.1f} words), "
+                              if scst_record else '')
                     print(f"epoch {state['epoch']} step {steps_before + steps}/{steps_before + steps_planned}: "
-                          f"loss {losses.avg:.3f}, "
+                          f"loss {losses.avg:.3f}, {reward}"
                           f"{rate:.0f} captions/s", flush=True)
                 if log_now:
                     utils.append_jsonl(os.path.join(self.out_dir, 'steps.jsonl'), {
                         'epoch': state['epoch'], 'step': state['step'], 'loss': loss_value,
-                        'avg_loss': losses.avg, 'lr': self.optimizer.param_groups[0]['lr'], 'captions_per_s': rate})
+                        'avg_loss': losses.avg, **scst_record, 'lr': self.optimizer.param_groups[0]['lr'],
+                        'captions_per_s': rate})
             if config['save_every'] and state['step'] % config['save_every'] == 0:
                 self.save(self.ckpt_path)
             if shared[1] > 0 or shared[2] > 0:
                 stop = 'interrupt' if shared[1] > 0 else 'max_steps'
                 break
         bar.close()
-        return stop, {'train_loss': losses.avg, 'train_top5': top5s.avg, 'steps': steps,
-                      'epoch_complete': steps == steps_planned, 'train_seconds': round(time.time() - start, 1),
-                      'captions_per_s': captions_seen / max(time.time() - start, 1e-9)}
+        stats = {'train_loss': losses.avg, 'train_top5': None if self.scst else top5s.avg, 'steps': steps,
+                 'epoch_complete': steps == steps_planned, 'train_seconds': round(time.time() - start, 1),
+                 'captions_per_s': captions_seen / max(time.time() - start, 1e-9)}
+        if self.scst:
+            count = max(epoch_sums[3], 1.0)
+            stats.update(train_reward=epoch_sums[0] / count, train_baseline=epoch_sums[1] / count,
+                         sample_len=epoch_sums[2] / count)
+        return stop, stats
 
     @torch.inference_mode()
     def validate(self):
-        """Teacher-forced loss/top-5 and, for model selection, BLEU-4 of generated VAL captions."""
+        """Teacher-forced loss/top-5 and, for model selection, BLEU-4 and CIDEr-D (df from the scored VAL
+        references, as the COCO toolkit) of generated VAL captions."""
         decoder = self.ema.module if self.ema is not None else self.decoder
         self.encoder.eval()
         decoder.eval()
         rev = {v: k for k, v in self.word_map.items()}
-        cpi, device = self.cpi, self.device
+        cpi, device, tokenizer = self.cpi, self.device, self.config.get('tokenizer', 'words')
+        if self.val_ref_tokens is None:
+            self.val_ref_tokens = [[text.tokenize(r, tokenizer) for r in refs] for refs in self.val_refs]
         tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
-        res, gts, samples, i = {}, {}, [], 0
+        res, gts, hyp_words, samples, i = {}, {}, [], [], 0
         for x, caps, caplens in tqdm(self.val_loader, desc='validating', unit='batch', leave=False,
                                      dynamic_ncols=True, disable=None):
             b = caps.size(0)
@@ -691,14 +820,16 @@ class Trainer:
             tf_loss.update(caption_loss(out).item(), out.targets.numel())
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
             for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
-                res[i] = [' '.join(decoder.words(hyp['tokens'], rev))]
+                hyp_words.append(decoder.words(hyp['tokens'], rev))
+                res[i] = [' '.join(hyp_words[-1])]
                 gts[i] = self.val_refs[i]
                 if len(samples) < 3:
                     samples.append({'caption': res[i][0], 'ref': self.val_refs[i][0]})
                 i += 1
-        bleu, _ = NltkBleu(self.config.get('tokenizer', 'words')).compute_score(gts, res)
+        bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
+        cider = float(CiderD(self.val_ref_tokens[:i]).scores(range(i), hyp_words).mean())
         return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
-                'samples': samples}
+                'cider': cider, 'samples': samples}
 
 
 def _broadcast(obj, world):

@@ -135,6 +135,71 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     return results
 
 
+@torch.no_grad()
+def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=False, generator=None,
+                    uniforms=None, allow_unk=False):
+    """Draw `n` captions per image from the decoder's own distribution (multinomial sampling), or
+    the greedy caption (`greedy`: the most likely word at each step), for any decoder of decoders.py
+    (prepare / init_state / step / select / select_memory).
+
+    encoder_out [B, g, g, C] or [B, P, C]. Row i * n + j is sample j of image i. <start>, <pad> and
+    (unless allow_unk) <unk> are never emitted: the step's distribution is renormalised without them.
+    A row stops at <end> or after max_len tokens. Sampling is by inverse CDF on uniform numbers,
+    [B * n, max_len] float64 in [0, 1): `uniforms` when given (so a caller can make draws that do
+    not depend on how images are split into batches or processes), else drawn from `generator`
+    (a CPU torch.Generator; None: the global one). Row r's token at step t uses uniforms[r, t].
+
+    Returns (tokens [B * n, T] long: the words and <end> when it came, <pad> after; T = the longest
+    row, at most max_len; lengths [B * n] long: tokens emitted, <end> included; logprobs [B * n]
+    float: the summed log-probability of each row under the distribution it was drawn from)."""
+    B = encoder_out.size(0)
+    enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
+    device, V, N = enc.device, decoder.vocab_size, B * n
+    start, end, never = decoder.special_tokens(word_map, allow_unk)         # the word map's, or the LM's
+    pad = word_map['<pad>']                                                   # filler after <end>
+    banned = torch.zeros(V, device=device)
+    banned[never] = float('-inf')
+    if not greedy and uniforms is None:
+        uniforms = torch.rand(N, max_len, generator=generator, dtype=torch.float64)
+    if uniforms is not None:
+        if tuple(uniforms.shape) != (N, max_len):
+            raise ValueError(f'uniforms must be [{N}, {max_len}], got {list(uniforms.shape)}')
+        uniforms = uniforms.to(device, torch.float64)
+
+    # One memory row per caption, so a finished caption's row can leave the batch on its own.
+    memory = decoder.prepare(enc, n)
+    memory = decoder.select_memory(memory, torch.arange(B, device=device).repeat_interleave(n))   # [N, ...]
+    state = decoder.init_state(memory, 1)
+    rows = torch.arange(N, device=device)                                     # rows still decoding
+    prev = torch.full((N,), start, dtype=torch.long, device=device)
+    tokens = torch.full((N, max_len), pad, dtype=torch.long, device=device)
+    lengths = torch.full((N,), max_len, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, device=device)
+    for t in range(max_len):
+        logp, state, _ = decoder.step(prev, state, memory)                   # [r, V]
+        logp = F.log_softmax(logp.float() + banned, dim=1)                   # renormalised without banned ids
+        if greedy:
+            tok = logp.argmax(dim=1)                                          # [r]
+        else:
+            cdf = logp.double().exp().cumsum(dim=1)                           # [r, V]
+            x = (uniforms[rows, t] * cdf[:, -1]).unsqueeze(1)                 # [r, 1]
+            tok = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=V - 1)
+            impossible = logp.gather(1, tok.unsqueeze(1)).squeeze(1) == float('-inf')   # only by rounding
+            tok = torch.where(impossible, logp.argmax(dim=1), tok)
+        tokens[rows, t] = tok
+        logprobs[rows] += logp.gather(1, tok.unsqueeze(1)).squeeze(1)
+        ended = tok == end
+        if ended.any():
+            lengths[rows[ended]] = t + 1
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            rows, tok = rows[keep], tok[keep]
+            state, memory = decoder.select(state, keep), decoder.select_memory(memory, keep)
+        prev = tok
+    return tokens[:, :int(lengths.max())], lengths, logprobs
+
+
 def _ngram_penalty(seqs, n, vocab_size):
     """[N, t] generated tokens -> [N, V] penalty, -inf for tokens that would repeat an n-gram."""
     N, t = seqs.shape

@@ -874,6 +874,20 @@ class CaptionDataset(Dataset):
         return img, self.captions[i], self.caplens[i:i + 1], self.captions[first:first + self.cpi]
 
 
+class Indexed(Dataset):
+    """Item i -> (i, *dataset[i]): batches that say which items they hold (self-critical training
+    looks up each image's references)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (i, *self.dataset[i])
+
+
 # ----------------------------------------------------------------------------------------------
 # Feature cache: a frozen encoder runs once over a split; training reads fp16 features from disk.
 

@@ -81,6 +81,11 @@ class Decoder(nn.Module):
         """Told the prepared word map (and its tokenizer) before training: nothing to do when the word
         map is the decoder's vocabulary."""
 
+    def step_limit(self):
+        """The most decoding steps the decoder has (None: no limit); teacher forcing refuses longer
+        captions."""
+        return None
+
 
 def words_of(tokens, rev_word_map):
     """Word ids -> words, without <start>/<end>/<pad>."""
@@ -388,6 +393,9 @@ class RepeatBiLSTM(Decoder):
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(2 * cfg.decoder_dim, cfg.vocab_size)
+
+    def step_limit(self):
+        return self.cfg.max_len
 
     def position_scores(self, features):
         """features -> scores [B, max_len, V] for every position (always all max_len of them: the

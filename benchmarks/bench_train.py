@@ -152,7 +152,7 @@ def dataset_bench(args, device):
         argv += ['--no-channels-last']          # the tutorial's encoder memory layout
     trainer = train.Trainer(argv, 0, 1, device)
     trainer.train_encoder.train()
-    trainer.train_decoder.train()
+    trainer.train_model.train()
     info = {'mode': f"dataset/{'tutorial-images' if args.tutorial else args.source}",
             'data_name': trainer.config['data_name'], 'encoder': trainer.encoder.name,
             'image_size': trainer.encoder.image_size, 'grid': trainer.encoder.encoded_image_size,
@@ -182,8 +182,8 @@ def dataset_bench(args, device):
         loader = iter(trainer.train_loader)
 
         def step():
-            x, caps, lens = next(loader)
-            return trainer.train_step(x, caps, lens)[2]
+            idx, x, caps, lens = next(loader)
+            return trainer.train_step(idx, x, caps, lens)[2] * trainer.cpi   # images -> captions
     return timed(step, args.batch_size, args, device), info
 
 

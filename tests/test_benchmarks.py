@@ -31,6 +31,14 @@ def test_bench_train_on_a_prepared_dataset(synth_data):
         assert r['captions_per_s'] > 0 and r['encoder'] == 'resnet18'
 
 
+def test_bench_cider_times_the_reward_and_the_scst_step(synth_data):
+    folder, _ = synth_data
+    r = bench('bench_cider.py', '--data-folder', folder, '--image-size', '64', '--dim', '16', '--batch-size', '10',
+              '--warmup', '1', '--repeats', '2')
+    assert r['images_per_step'] == 2 and r['samples_per_image'] == 5 and r['train_images'] == 48
+    assert 0 < r['reward_ms'] and 0 < r['step_ms'] and 0 < r['reward_share_of_step'] < 1 and r['ngrams'] > 0
+
+
 def test_bench_infer_reports_decode_cost(tmp_path):
     r = bench('bench_infer.py', '--encoder', 'resnet18', '--vocab-size', '30', '--batch-sizes', '1', '2',
               '--beam-sizes', '1', '2', '--max-len', '4', '--repeats', '1', '--tutorial')
