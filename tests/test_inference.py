@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import metrics
 from conftest import script
 
 infer = script('02_inference')
@@ -77,8 +78,12 @@ def test_evaluate_from_prepared_files_writes_the_table(tiny_checkpoint, synth_da
         assert {'Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'nltk_Bleu_4'} <= set(r['metrics'])
         assert all(0.0 <= v for v in r['metrics'].values())
     assert len(report['captions']) == 2 * 6 and {'image', 'caption'} <= set(report['captions'][0])
+    for r in report['results']:   # repetition and diversity of that beam size's own captions
+        captions = [c['caption'] for c in report['captions'] if c['beam_size'] == r['beam_size']]
+        assert r['diversity'] == metrics.diversity_scores(captions)
+        assert 1 <= r['diversity']['distinct_words'] and 1 / 6 <= r['diversity']['unique_captions'] <= 1
     table = capsys.readouterr().out
-    assert 'Bleu_4' in table and '\n   3 ' in table
+    assert 'Bleu_4' in table and '\n   3 ' in table and 'rep3' in table and 'unique' in table
 
 
 def test_evaluate_from_karpathy_json_matches_prepared_files(tiny_checkpoint, synth_data, tmp_path):

@@ -66,3 +66,28 @@ def test_coco_required_but_missing(monkeypatch):
         metrics.score_captions(GTS, RES, coco=True)
     scores, note = metrics.score_captions(GTS, RES, coco='auto')
     assert 'not installed' in note and 'CIDEr' not in scores
+
+
+# Written for the test: 'a dog runs on the grass and a dog runs' repeats 'a dog runs'; 'the the the the'
+# repeats 'the the the' (overlapping); the last two captions are the same words up to case and punctuation.
+CAPTIONS = ['a dog runs on the grass and a dog runs', 'the the the the', 'a cat sits on a mat',
+            'A cat sits on a mat.', 'two dogs']
+
+
+def test_repetition_and_diversity_of_hand_written_captions():
+    d = metrics.diversity_scores(CAPTIONS)
+    assert set(d) == set(metrics.DIVERSITY_KEYS)
+    assert d['repeated_trigrams'] == pytest.approx(2 / 5)
+    # a dog runs on the grass and | cat sits mat | two dogs -> 7 + 3 + 2
+    assert d['distinct_words'] == 12
+    assert d['unique_captions'] == pytest.approx(4 / 5)
+    assert d['mean_length'] == pytest.approx((10 + 4 + 6 + 6 + 2) / 5)
+
+
+def test_ngram_repetition_edges():
+    assert not metrics.repeats_ngram(['a', 'b', 'a', 'b'])            # 'a b a', 'b a b': no trigram twice
+    assert metrics.repeats_ngram(['a', 'b', 'a', 'b'], n=2)           # 'a b' twice
+    assert not metrics.repeats_ngram(['a', 'a'])                      # shorter than a trigram
+    assert metrics.repeated_ngram_rate([]) == 0.0 and metrics.unique_share([]) == 0.0
+    zh = metrics.diversity_scores(['一只狗在草地上跑', '一只狗在草地上跑'], tokenizer='chars')
+    assert (zh['distinct_words'], zh['unique_captions'], zh['mean_length']) == (8, 0.5, 8)

