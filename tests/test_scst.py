@@ -11,7 +11,7 @@ import torch
 import decoders
 from caption import beam_search, sample_captions
 from cider import Cider, CiderD
-from conftest import TINY_MODEL, script, tiny_decoder
+from conftest import script, tiny_decoder
 from scst import SelfCritical
 from test_distributed import torchrun
 
