@@ -186,7 +186,9 @@ def test_scst_run_stopped_and_resumed_equals_an_uninterrupted_one(synth_data, ti
 def test_two_process_scst_equals_one_process(synth_data, tiny_checkpoint, tmp_path):
     folder, name = synth_data
     args = ['--init-from', tiny_checkpoint, '--objective', 'scst', '--epochs', '1', '--workers', '0',
-            '--log-every', '1', '--decoder-lr', '1e-3']
+            '--log-every', '1', '--decoder-lr', '1e-4']
+    # A small learning rate keeps the last-bit differences of the all-reduced gradients from growing
+    # into a flipped sampled token (seen once in a dozen runs at 1e-3).
     two = tmp_path / 'two'
     two.mkdir()
     torchrun(tmp_path, two, '--data-folder', folder, '--out-dir', two, '--batch-size', '10', *args)
