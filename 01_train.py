@@ -34,6 +34,7 @@ import checkpoint
 import datasets
 import text
 import utils
+import caption
 from caption import beam_search
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
 from cider import CiderD
@@ -101,6 +102,7 @@ FINE_TUNE_FROM = ''             # first encoder layer to train ('' = the encoder
                                 # _blocks.11, efficientnet_lite2 _blocks.15)
 CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
 VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
+VAL_NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # ... which repeat no n-gram of this size (0 = off)
 VAL_MAX_IMAGES = 0              # score only the first N VAL images (0 = all)
 MAX_STEPS = 0                   # stop (resumably) after this many steps in this run (0 = no limit)
 SEED = 0
@@ -191,6 +193,7 @@ def make_parser(suppress=False):
     add('--fine-tune-from', FINE_TUNE_FROM, "first encoder layer to train ('' = the encoder default)")
     add('--cache-features', CACHE_FEATURES, 'frozen encoder: train from cached fp16 features')
     add('--val-beam-size', VAL_BEAM_SIZE, 'beam size for VAL captions (1 = greedy)')
+    add('--val-no-repeat-ngram', VAL_NO_REPEAT_NGRAM, 'VAL captions repeat no n-gram of this size (0 = off)')
     add('--val-max-images', VAL_MAX_IMAGES, 'score only the first N VAL images (0 = all)')
     add('--max-steps', MAX_STEPS, 'stop resumably after N steps in this run (0 = no limit)')
     add('--seed', SEED, 'random seed')
@@ -209,6 +212,7 @@ def make_parser(suppress=False):
 # Allowed ranges, checked before any work: flag -> (lowest, highest, how the bound is meant).
 RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1'), 'workers': (0, None, '0 or more'),
           'val_beam_size': (1, None, 'at least 1 (1 = greedy)'), 'val_max_images': (0, None, '0 (all) or more'),
+          'val_no_repeat_ngram': (0, None, '0 (off) or more'),
           'max_steps': (0, None, '0 (no limit) or more'), 'log_every': (0, None, '0 or more'),
           'save_every': (0, None, '0 or more'), 'early_stop': (0, None, '0 (never) or more'),
           'lr_patience': (0, None, '0 or more'), 'image_size': (0, None, '0 (the encoder\'s) or more'),
@@ -824,7 +828,9 @@ class Trainer:
                           torch.arange(b, device=device).repeat_interleave(cpi))
             tf_loss.update(caption_loss(out).item(), out.targets.numel())
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
-            for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size']):
+            # runs from before the setting validated without it, and keep doing so when resumed
+            for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size'],
+                                   no_repeat_ngram_size=self.config.get('val_no_repeat_ngram', 0)):
                 hyp_words.append(decoder.words(hyp['tokens'], rev))
                 res[i] = [' '.join(hyp_words[-1])]
                 gts[i] = self.val_refs[i]

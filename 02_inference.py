@@ -27,7 +27,7 @@ IMG = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # an image file or a
 CHECKPOINT = caption.PROVIDED_CHECKPOINT   # the provided Flickr8k model, or your BEST_checkpoint_*.pt
 BEAM_SIZE = 3                              # 1 = greedy
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
-NO_REPEAT_NGRAM = 0                        # forbid repeating n-grams of this size (0 = off)
+NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 0                                # at least this many words
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='(default: %(default)s)')
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM,
                    help='length normalisation exponent (default: %(default)s)')
-    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM, help='(default: %(default)s)')
+    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
+                   help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
     p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
                    help='let captions contain <unk> (default: %(default)s)')

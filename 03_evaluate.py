@@ -37,7 +37,7 @@ ALLOW_OUTSIDE_PATHS = False                # accept image paths that leave IMAGE
 SPLIT = 'TEST'                             # TEST, VAL or TRAIN (Karpathy names test/val/train work too)
 BEAM_SIZES = [3]                           # one row of results per beam size
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
-NO_REPEAT_NGRAM = 0
+NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 0
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument('--split', default=SPLIT, help='(default: %(default)s)')
     p.add_argument('--beam-sizes', type=int, nargs='+', default=BEAM_SIZES, help='(default: %(default)s)')
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM, help='(default: %(default)s)')
-    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM, help='(default: %(default)s)')
+    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
+                   help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
     p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
                    help='let captions contain <unk> (default: %(default)s)')

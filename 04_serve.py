@@ -42,6 +42,7 @@ MAX_MEGAPIXELS = 50                        # images with more pixels are refused
 BEAM_SIZE = 3                              # default beam size of a request (1 = greedy)
 MAX_BEAM_SIZE = 10                         # a request may ask for 1..MAX_BEAM_SIZE
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
+NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MAX_LEN = 50                               # at most this many words
 MAX_BATCH = 8                              # requests gathered into one batched beam search
 BATCH_WAIT_MS = 5.0                        # how long the first request of a batch waits for company
@@ -175,7 +176,7 @@ class Batcher:
 class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
-    def __init__(self, checkpoint, device, max_len, length_norm):
+    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM):
         import torch
 
         import datasets
@@ -186,7 +187,7 @@ class Captioner:
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
         self.transform = datasets.ImageTransform(**self.encoder.transform_config())
         self.has_attention = getattr(self.decoder, 'has_attention', True)
-        self.max_len, self.length_norm = max_len, length_norm
+        self.max_len, self.length_norm, self.no_repeat_ngram = max_len, length_norm, no_repeat_ngram
         self.checkpoint = checkpoint
 
     def __call__(self, items):
@@ -199,7 +200,8 @@ class Captioner:
             for k in sorted({k for _, k in items}):          # beam_search takes one beam size per call
                 idx = [i for i, (_, kk) in enumerate(items) if kk == k]
                 found = caption.beam_search(self.decoder, enc[idx], self.word_map, beam_size=k,
-                                            max_len=self.max_len, length_norm=self.length_norm)
+                                            max_len=self.max_len, length_norm=self.length_norm,
+                                            no_repeat_ngram_size=self.no_repeat_ngram)
                 for i, hyp in zip(idx, found):
                     hyps[i] = hyp
         model_ms = (time.perf_counter() - start) * 1000
@@ -288,7 +290,7 @@ class _Guard:
 def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_beam_size=MAX_BEAM_SIZE,
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
-               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS):
+               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -303,7 +305,9 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
 
     if not 1 <= beam_size <= max_beam_size:
         raise ValueError(f'--beam-size must be between 1 and --max-beam-size ({max_beam_size}), got {beam_size}')
-    captioner = Captioner(checkpoint, device, max_len, length_norm)
+    if no_repeat_ngram < 0:
+        raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
+    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram)
     batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
@@ -409,6 +413,8 @@ def parse_args(argv=None):
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='default beam size of a request (default: %(default)s)')
     p.add_argument('--max-beam-size', type=int, default=MAX_BEAM_SIZE, help='(default: %(default)s)')
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM, help='(default: %(default)s)')
+    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
+                   help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
     p.add_argument('--max-batch', type=int, default=MAX_BATCH, help='requests per batch (default: %(default)s)')
     p.add_argument('--batch-wait-ms', type=float, default=BATCH_WAIT_MS, help='(default: %(default)s)')
@@ -430,7 +436,8 @@ def main(argv=None):
     try:
         app = create_app(args.checkpoint, args.device, args.beam_size, args.max_beam_size, args.max_upload_mb,
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
-                         args.length_norm, args.samples, decode_workers=args.decode_workers)
+                         args.length_norm, args.samples, decode_workers=args.decode_workers,
+                         no_repeat_ngram=args.no_repeat_ngram)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -17,6 +17,8 @@ from utils import atomic_path
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
+DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
+                             # the default of 02, 03, 04 and training's validation; beam_search's own is 0
 
 
 @torch.inference_mode()

@@ -181,7 +181,9 @@ def test_show_tell_layers_and_repeat_bilstm_ignores_previous_words():
 
 # The shipped checkpoint is format 1: it must keep loading and give the captions it gave before the
 # decoder interface existed (recorded with the previous code on these sample photos, beam 3,
-# length normalisation 0.5).
+# length normalisation 0.5, no n-gram constraint). None of them repeats a word trigram, and the
+# scripts' decoding default since then (caption.DEFAULT_NO_REPEAT_NGRAM = 3) gives the same captions
+# and scores: both are checked.
 PINNED = {'astronaut.jpg': ('two young boys play together', -9.632),
           'camera_man_gray.jpg': ('a man plays with a camera', -7.17918),
           'chelsea_cat.jpg': ('a small dog is playing with a toy', -11.54963),
@@ -195,13 +197,16 @@ def test_version_1_shipped_checkpoint_loads_and_gives_the_same_captions():
     encoder, decoder, word_map, config = caption.load_captioner(caption.PROVIDED_CHECKPOINT, 'cpu')
     assert config['decoder'] == 'sat' and config['decoder_args']['decoder_dim'] == 512
     paths = [os.path.join(REPO, 'assets', 'samples', n) for n in PINNED]
-    results, failures = caption.caption_paths(encoder, decoder, word_map, paths, (3,), progress=False,
-                                              length_norm=caption.DEFAULT_LENGTH_NORM)
-    assert not failures
-    for path, res in zip(paths, results):
-        words, score = PINNED[os.path.basename(path)]
-        assert ' '.join(res[3]['words']) == words
-        assert res[3]['score'] == pytest.approx(score, abs=1e-3)
+    assert caption.DEFAULT_NO_REPEAT_NGRAM == 3
+    for no_repeat in (0, caption.DEFAULT_NO_REPEAT_NGRAM):
+        results, failures = caption.caption_paths(encoder, decoder, word_map, paths, (3,), progress=False,
+                                                  length_norm=caption.DEFAULT_LENGTH_NORM,
+                                                  no_repeat_ngram_size=no_repeat)
+        assert not failures
+        for path, res in zip(paths, results):
+            words, score = PINNED[os.path.basename(path)]
+            assert ' '.join(res[3]['words']) == words
+            assert res[3]['score'] == pytest.approx(score, abs=1e-3)
 
 
 def test_newer_format_is_refused_clearly():

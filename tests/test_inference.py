@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import caption
+import datasets
 import metrics
 from conftest import script
 
@@ -84,6 +86,27 @@ def test_evaluate_from_prepared_files_writes_the_table(tiny_checkpoint, synth_da
         assert 1 <= r['diversity']['distinct_words'] and 1 / 6 <= r['diversity']['unique_captions'] <= 1
     table = capsys.readouterr().out
     assert 'Bleu_4' in table and '\n   3 ' in table and 'rep3' in table and 'unique' in table
+
+
+def test_decoding_repeats_no_trigram_by_default_and_the_flag_switches_it_off(tiny_checkpoint, synth_data, tmp_path):
+    """02 and 03 decode with caption.DEFAULT_NO_REPEAT_NGRAM (3): no caption repeats a word trigram;
+    --no-repeat-ngram 0 gives the unconstrained search (the tiny model then repeats itself)."""
+    assert caption.DEFAULT_NO_REPEAT_NGRAM == 3 == evaluate.NO_REPEAT_NGRAM == infer.NO_REPEAT_NGRAM
+    folder, _ = synth_data
+    reports = {}
+    for flags in ((), ('--no-repeat-ngram', '0')):
+        out = tmp_path / f'm{len(flags)}.json'
+        assert evaluate.main(['--checkpoint', tiny_checkpoint, '--data-folder', folder, '--split', 'TRAIN',
+                              '--max-images', '24', '--beam-sizes', '1', '3', '--metrics', 'nltk', '--out', str(out),
+                              *flags]) == 0
+        reports[flags] = {r['beam_size']: r['diversity'] for r in json.load(open(out))['results']}
+    assert all(d['repeated_trigrams'] == 0 for d in reports[()].values())
+    assert reports[('--no-repeat-ngram', '0')][1]['repeated_trigrams'] > 0
+    image = datasets.CaptionDataset(folder, synth_data[1], 'TRAIN').paths[0]
+    assert infer.main(['--img', image, '--checkpoint', tiny_checkpoint, '--out', str(tmp_path / 'inf'),
+                       '--beam-size', '1']) == 0
+    words = json.load(open(tmp_path / 'inf' / 'captions.json'))[0]['caption'].split()
+    assert not metrics.repeats_ngram(words)
 
 
 def test_evaluate_from_karpathy_json_matches_prepared_files(tiny_checkpoint, synth_data, tmp_path):

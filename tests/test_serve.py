@@ -75,7 +75,8 @@ def test_caption_matches_the_pipeline_and_has_every_field(client, app, tiny_chec
     img = datasets.load_image(f'{SAMPLES}/chelsea_cat.jpg', size=encoder.transform_config()['size'])
     with torch.inference_mode():
         enc = encoder(datasets.ImageTransform(**encoder.transform_config())(img).unsqueeze(0))
-    hyp = caption.beam_search(decoder, enc, word_map, beam_size=2, length_norm=caption.DEFAULT_LENGTH_NORM)[0]
+    hyp = caption.beam_search(decoder, enc, word_map, beam_size=2, length_norm=caption.DEFAULT_LENGTH_NORM,
+                              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM)[0]
     words = caption.words_of(hyp['tokens'], {v: k for k, v in word_map.items()})
     assert body['words'] == words and body['caption'] == ' '.join(words)
     assert body['beams'][0]['caption'] == body['caption']
@@ -88,6 +89,7 @@ def test_caption_matches_the_pipeline_and_has_every_field(client, app, tiny_chec
         assert m == pytest.approx(ref.tolist(), abs=1e-4)
     assert body['image'] == dict(zip(('width', 'height'), Image.open(f'{SAMPLES}/chelsea_cat.jpg').size))
     assert body['beam_size'] == 2 and body['ms'] > 0 and body['model_ms'] > 0 and body['batch_size'] == 1
+    assert app.state.captioner.no_repeat_ngram == caption.DEFAULT_NO_REPEAT_NGRAM      # the scripts' default
 
 
 def test_beams_come_from_the_search_when_it_lists_them(client, monkeypatch):
