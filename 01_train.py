@@ -271,8 +271,10 @@ def resolve_config(argv, device):
     resume_ckpt = init_ckpt = None
     if config['resume']:
         resume_ckpt = checkpoint.load(config['resume'])
-        # settings newer than the checkpoint take their defaults (an older run: cross-entropy, BLEU-4)
-        saved = {**vars(make_parser().parse_args([])), 'select_by': 'BLEU-4', **resume_ckpt['config']}
+        # settings newer than the checkpoint take the values that reproduce what the run did before they
+        # existed (cross-entropy, selected by BLEU-4, validated without the no-repeat constraint)
+        saved = {**vars(make_parser().parse_args([])), 'select_by': 'BLEU-4', 'val_no_repeat_ngram': 0,
+                 **resume_ckpt['config']}
         for key, value in given.items():
             if key not in RESUME_OVERRIDABLE and key in saved and saved[key] != value:
                 raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '

@@ -70,6 +70,21 @@ def test_resume_refuses_changed_settings(synth_data, tiny_checkpoint):
         train.main(['--resume', tiny_checkpoint, '--emb-dim', '64'])
 
 
+def test_resuming_a_run_older_than_a_setting_keeps_what_it_did(synth_data, tiny_checkpoint, tmp_path):
+    """A run saved before --select-by and --val-no-repeat-ngram existed resumes as it ran (BLEU-4, no
+    constraint on its VAL captions), not with today's defaults."""
+    _, name = synth_data
+    ckpt = torch.load(os.path.join(os.path.dirname(tiny_checkpoint), f'checkpoint_{name}.pt'), weights_only=True)
+    for key in ('select_by', 'val_no_repeat_ngram'):
+        del ckpt['config'][key]
+    old = tmp_path / 'old' / f'checkpoint_{name}.pt'
+    old.parent.mkdir()
+    utils.save_checkpoint(old, ckpt)
+    assert train.main(['--resume', str(old), '--epochs', '2']) == 0
+    config = torch.load(old, weights_only=True)['config']
+    assert (config['select_by'], config['val_no_repeat_ngram']) == ('BLEU-4', 0)
+
+
 def test_cached_features_train_like_images(synth_data, tmp_path):
     folder, _ = synth_data
     assert run(folder, tmp_path / 'img', '--epochs', '1', '--no-cache-features') == 0
