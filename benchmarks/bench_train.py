@@ -9,7 +9,7 @@
 
 --synthetic-features: random 14x14x2048 features (frozen ResNet101's shape), a 2,631-word
 vocabulary and Flickr8k-like caption lengths, batch 32, dims 512/512/512 (--dim; for the decoders
-that have them: emb_dim, attention_dim, decoder_dim): no data or cache needed.
+that have them: emb_dim, attention_dim, decoder_dim, and clipcap's lm_dim): no data or cache needed.
 Without it, the prepared dataset in --data-folder (default: the synthetic set, built on first use
 under benchmarks/.data) is trained through 01_train.py's own Trainer.train_step. --tutorial runs
 benchmarks/tutorial_reference.py: attention projection recomputed every step, padded outputs, and
@@ -125,7 +125,7 @@ def dims(args):
     if not args.dim:                    # 0: the decoder's own sizes (dot_attention 256/512/768, show_tell 256/256)
         return {}
     fields = decoders.decoder_fields(args.decoder)
-    return {k: args.dim for k in ('emb_dim', 'attention_dim', 'decoder_dim') if k in fields}
+    return {k: args.dim for k in ('emb_dim', 'attention_dim', 'decoder_dim', 'lm_dim') if k in fields}
 
 
 def ensure_synthetic_data():
