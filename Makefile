@@ -24,7 +24,7 @@ test: $(STAMP)
 clean:
 	rm -rf outputs/demo
 
-# Reproduce the provided checkpoint (about 2 h on 2 CPU cores; recipe and ablations in checkpoints/README.md).
+# Reproduce the provided checkpoint (two training stages of about an hour each on 2 CPU cores; recipe and ablations in checkpoints/README.md).
 # Flickr8k in Karpathy format: the split JSON and the image folder (defaults: this workplace's copy of train+val).
 # Stage 1: cross-entropy on frozen, cached encoder features, selected by VAL BLEU-4; its best is exported.
 # Stage 2: self-critical training (CIDEr-D reward) from that export, selected by VAL CIDEr; exported as the

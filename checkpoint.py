@@ -19,9 +19,12 @@ utils.save_checkpoint / utils.load_checkpoint do the file I/O). Format 2:
     ...           training state: optimizer, scheduler, rng, epoch, step, best_score, val_metrics
 
 Format 1 (the first release, one decoder) had no decoder/decoder_args: `migrate` adds them, so
-its files (the shipped checkpoint among them) load unchanged. The original ClipCap's state_dicts
-are converted by `convert_clipcap_state` (tools/convert_clipcap.py writes a checkpoint from one).
+its files (checkpoints/flickr8k_efficientnet_lite0_xe_fp16.pt among them) load unchanged. The
+original ClipCap's state_dicts are converted by `convert_clipcap_state` (tools/convert_clipcap.py
+writes a checkpoint from one).
 """
+import os
+
 import torch
 
 import utils
@@ -96,13 +99,18 @@ def models_from_checkpoint(ckpt, device='cpu'):
     return encoder.to(device).eval(), decoder.to(device).eval()
 
 
+RUN_PATHS = ('data_folder', 'out_dir', 'resume', 'init_from')   # config fields naming the run's own files
+
+
 def export(ckpt, fp16=True):
     """A small inference checkpoint from a training checkpoint dict: no optimizer or RNG state,
     floating weights in fp16, and only the encoder entries that differ from its named pretrained
     weights (with a digest to check them on load). The encoder is kept whole when its weights were
     random or a local state_dict file."""
     ckpt = migrate(ckpt)
-    config = ckpt['config']
+    # where the run's files were on its machine: only the names travel (no absolute paths ship)
+    config = {k: os.path.basename(v) if k in RUN_PATHS and isinstance(v, str) and os.path.isabs(v) else v
+              for k, v in ckpt['config'].items()}
     cast = utils.half_state_dict if fp16 else dict
     out = {'format': FORMAT, 'config': config, 'word_map': ckpt['word_map'],
            'decoder': cast(selected_decoder_state(ckpt)), 'epoch': ckpt.get('epoch'),

@@ -166,7 +166,12 @@ def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path)
     """Stage 2 can start from a small exported checkpoint too (encoder stored whole or as a delta)."""
     import checkpoint
     exported = tmp_path / 'small.pt'
-    utils.save_checkpoint(exported, checkpoint.export(checkpoint.load(tiny_checkpoint)))
+    trained = checkpoint.load(tiny_checkpoint)
+    assert os.path.isabs(trained['config']['out_dir'])
+    small = checkpoint.export(trained)
+    assert small['config']['out_dir'] == os.path.basename(trained['config']['out_dir'])   # no machine paths ship
+    assert not [v for v in small['config'].values() if isinstance(v, str) and os.path.isabs(v)]
+    utils.save_checkpoint(exported, small)
     folder, name = synth_data
     assert train.main(['--data-folder', folder, '--init-from', str(exported), '--epochs', '1', '--batch-size', '20',
                        '--workers', '0', '--out-dir', str(tmp_path / 'again')]) == 0
