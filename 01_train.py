@@ -89,6 +89,8 @@ OBJECTIVE = 'xe'                # xe (cross-entropy, teacher forcing) | scst (se
 SCST_SAMPLES = 5                # captions sampled per image per step (scst)
 SCST_BASELINE = 'mean'          # mean: of the image's other samples | greedy: its greedy caption's reward
 SCST_MAX_LEN = 20               # most tokens (words + <end>) of a sampled caption
+SCST_DROPOUT = False            # sample with the decoder's dropout on, differentiating the samples under the
+                                # masks that drew them (scst.py); off: no dropout, teacher-forced re-scoring
 SCST_DECODER_LR = 5e-5          # the decoder learning rate of a self-critical run unless --decoder-lr is given
 SELECT_BY = 'auto'              # VAL metric that selects BEST and drives the schedule: BLEU-4 | CIDEr
                                 # (auto: BLEU-4 for xe, CIDEr for scst)
@@ -183,6 +185,7 @@ def make_parser(suppress=False):
     add('--scst-baseline', SCST_BASELINE, "scst: the reward's baseline (mean of the image's other samples, or "
         "its greedy caption's reward)", choices=list(BASELINES))
     add('--scst-max-len', SCST_MAX_LEN, 'scst: most tokens of a sampled caption (words + <end>)')
+    add('--scst-dropout', SCST_DROPOUT, "scst: keep the decoder's dropout on while sampling")
     add('--select-by', SELECT_BY, 'VAL metric for BEST and the schedule (auto: BLEU-4 for xe, CIDEr for scst)',
         choices=['auto', *SELECT_KEYS])
     add('--ema-decay', EMA_DECAY, 'per-step decay of a moving average of the decoder weights (0 = off)')
@@ -503,7 +506,7 @@ class Trainer:
         model = self.objective = decoder
         if self.scst:
             model = self.objective = SelfCritical(decoder, self._train_reward(), self.word_map, config['scst_samples'],
-                                 config['scst_baseline'], config['scst_max_len'])
+                                 config['scst_baseline'], config['scst_max_len'], config['scst_dropout'])
 
         # What the training step calls: DDP wrappers in distributed runs (around the whole objective for
         # scst), a compiled encoder on request
@@ -591,7 +594,7 @@ class Trainer:
         config, state = self.config, self.state
         if self.scst:
             what = (f"self-critical training ({config['scst_samples']} samples per image, {config['scst_baseline']} "
-                    "baseline, CIDEr-D reward)")
+                    f"baseline, CIDEr-D reward{', dropout on' if config['scst_dropout'] else ''})")
             per_step = f"{self.images_per_batch} images x {config['scst_samples']} samples per step"
         else:
             what, per_step = 'training', f'{self.images_per_batch * self.cpi} captions per step'

@@ -137,9 +137,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     return results
 
 
-@torch.no_grad()
 def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=False, generator=None,
-                    uniforms=None, allow_unk=False):
+                    uniforms=None, allow_unk=False, grad=False):
     """Draw `n` captions per image from the decoder's own distribution (multinomial sampling), or
     the greedy caption (`greedy`: the most likely word at each step), for any decoder of decoders.py
     (prepare / init_state / step / select / select_memory).
@@ -153,7 +152,15 @@ def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=Fals
 
     Returns (tokens [B * n, T] long: the words and <end> when it came, <pad> after; T = the longest
     row, at most max_len; lengths [B * n] long: tokens emitted, <end> included; logprobs [B * n]
-    float: the summed log-probability of each row under the distribution it was drawn from)."""
+    float: the summed log-probability of each row under the distribution it was drawn from, with
+    autograd through the decoder when `grad`, so that a decoder in training mode is differentiated
+    under the very dropout masks that drew the words)."""
+    with torch.set_grad_enabled(grad):
+        return _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, uniforms, allow_unk)
+
+
+def _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, uniforms, allow_unk):
+    """sample_captions' loop, under the caller's grad mode."""
     B = encoder_out.size(0)
     enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
     device, V, N = enc.device, decoder.vocab_size, B * n
@@ -183,7 +190,7 @@ def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=Fals
         if greedy:
             tok = logp.argmax(dim=1)                                          # [r]
         else:
-            cdf = logp.double().exp().cumsum(dim=1)                           # [r, V]
+            cdf = logp.detach().double().exp().cumsum(dim=1)                  # [r, V]
             x = (uniforms[rows, t] * cdf[:, -1]).unsqueeze(1)                 # [r, 1]
             tok = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=V - 1)
             impossible = logp.gather(1, tok.unsqueeze(1)).squeeze(1) == float('-inf')   # only by rounding

@@ -19,12 +19,19 @@ so sampling, reward and loss all run inside the wrapped forward):
    reward. (self-critical.pytorch divides by the number of tokens instead: a step-size difference of
    about the mean caption length, which Adam's normalisation mostly absorbs.)
 
+With `dropout=True` (01_train.py --scst-dropout) the decoder keeps its dropout while sampling, as
+self-critical.pytorch's does, and steps 1 and 4 are one: the samples are drawn with autograd and
+their log-probabilities are differentiated under the very dropout masks that drew each word (no
+re-scoring). The policy is then the decoder with a random mask per step, a regulariser against
+fitting the TRAIN references.
+
 Decisions:
-- Dropout is off in both sampling and re-scoring (the decoder stays in eval mode under this module):
-  the log-probabilities differentiated are then exactly those of the distribution that drew the
-  samples. With dropout on, the re-scoring would draw other dropout masks than the sampling steps did
-  (the teacher-forced forward applies dropout to all steps at once), so the gradient would belong to
-  another policy.
+- By default dropout is off in both sampling and re-scoring (the decoder stays in eval mode under
+  this module): the log-probabilities differentiated are then exactly those of the distribution that
+  drew the samples. With dropout on, a teacher-forced re-scoring would draw other dropout masks than
+  the sampling steps did, so the gradient would belong to another policy; hence the single pass of
+  `dropout=True`. (Re-scoring stays the default: it is what the provided checkpoints were trained
+  with, and the pass without autograd keeps sampling cheap.)
 - <start>, <pad> and <unk> are never sampled; the re-scoring renormalises without them too, so it
   scores the samples under the very distribution they were drawn from.
 - The doubly stochastic attention penalty (alpha_c, sat/dot_attention) is left out: it regularised
@@ -47,7 +54,7 @@ class SelfCritical(nn.Module):
 
     reward: a cider.CiderD of the TRAIN references (image index -> references)."""
 
-    def __init__(self, decoder, reward, word_map, samples=5, baseline='mean', max_len=20):
+    def __init__(self, decoder, reward, word_map, samples=5, baseline='mean', max_len=20, dropout=False):
         super().__init__()
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -55,7 +62,7 @@ class SelfCritical(nn.Module):
             raise ValueError('the mean-of-the-other-samples baseline needs at least 2 samples per image')
         self.decoder, self.reward, self.word_map = decoder, reward, word_map
         self.rev_word_map = {v: k for k, v in word_map.items()}
-        self.samples, self.baseline = samples, baseline
+        self.samples, self.baseline, self.dropout = samples, baseline, dropout
         limit = decoder.step_limit()
         self.max_len = max_len if limit is None else min(max_len, limit)
         start, end, self.banned = decoder.special_tokens(word_map)
@@ -64,9 +71,10 @@ class SelfCritical(nn.Module):
                              'clipcap with --lm scratch), not one over its own vocabulary')
 
     def train(self, mode=True):
-        """Dropout stays off in the decoder whatever the mode (see the module docstring)."""
+        """Dropout stays off in the decoder whatever the mode unless `dropout` (module docstring)."""
         super().train(mode)
-        self.decoder.eval()
+        if not self.dropout:
+            self.decoder.eval()
         return self
 
     def score(self, images, tokens, lengths):
@@ -82,18 +90,27 @@ class SelfCritical(nn.Module):
 
         -> (loss, sums float64 [4]: reward, baseline, words per sample, samples; sums over this batch)."""
         n, b = self.samples, features.size(0)
-        tokens, lengths, _ = sample_captions(self.decoder, features.detach(), self.word_map, n, self.max_len,
-                                             uniforms=uniforms)                   # [b*n, T], [b*n]
+        one_pass = self.dropout and self.training
+        tokens, lengths, logp = sample_captions(self.decoder, features if one_pass else features.detach(),
+                                                self.word_map, n, self.max_len, uniforms=uniforms,
+                                                grad=one_pass)                    # [b*n, T], [b*n], [b*n]
         image_rows = images.repeat_interleave(n)                                  # [b*n]
         rewards = self.score(image_rows, tokens, lengths)                         # [b*n]
         if self.baseline == 'greedy':
-            greedy, greedy_len, _ = sample_captions(self.decoder, features.detach(), self.word_map, 1,
-                                                    self.max_len, greedy=True)
+            mode = self.decoder.training
+            greedy, greedy_len, _ = sample_captions(self.decoder.eval(), features.detach(), self.word_map, 1,
+                                                    self.max_len, greedy=True)   # without dropout
+            self.decoder.train(mode)
             baseline = self.score(images, greedy, greedy_len).repeat_interleave(n)   # [b*n]
         else:
             r = rewards.view(b, n)
             baseline = ((r.sum(dim=1, keepdim=True) - r) / (n - 1)).view(-1)    # [b*n]: the other samples
         advantage = (rewards - baseline).float()
+        words = ((tokens != self.word_map['<end>']) & (tokens != self.word_map['<pad>'])).sum()
+        sums = torch.stack([rewards.sum(), baseline.sum(), words.double(),
+                            torch.tensor(float(b * n), dtype=torch.float64, device=rewards.device)])
+        if one_pass:                                                              # logp [b*n] has autograd
+            return -(advantage * logp).sum() / num_captions, sums
 
         # Teacher-forced re-scoring of the samples: <start> + tokens, decode lengths = tokens emitted.
         start = torch.full((b * n, 1), self.word_map['<start>'], dtype=torch.long, device=tokens.device)
@@ -107,9 +124,4 @@ class SelfCritical(nn.Module):
         steps = torch.arange(int(decode_lengths[0]), device=logp.device)
         caption_of = (steps.unsqueeze(1) < decode_lengths.unsqueeze(0)).nonzero()[:, 1]   # [M]: sorted caption
         seq_logp = logp.new_zeros(len(decode_lengths)).index_add(0, caption_of, logp)     # [N] in sorted order
-        loss = -(advantage[out.sort_ind] * seq_logp).sum() / num_captions
-
-        words = ((tokens != self.word_map['<end>']) & (tokens != self.word_map['<pad>'])).sum()
-        sums = torch.stack([rewards.sum(), baseline.sum(), words.double(),
-                            torch.tensor(float(b * n), dtype=torch.float64, device=rewards.device)])
-        return loss, sums
+        return -(advantage[out.sort_ind] * seq_logp).sum() / num_captions, sums

@@ -92,6 +92,58 @@ def test_sampling_is_reproducible_and_rescoring_gives_its_log_probabilities(name
     assert torch.allclose(per_caption, logp[out.sort_ind], atol=1e-4)
 
 
+@pytest.mark.parametrize('name', list(decoders.DECODERS))
+def test_sampling_with_dropout_equals_rescoring_when_dropout_is_zero(name):
+    """--scst-dropout differentiates the samples in the pass that drew them; with a dropout of 0 the
+    policy is the re-scored one, so loss and gradients must equal the teacher-forced path's."""
+    dec = tiny_decoder(name, len(WORD_MAP), 7, dropout=0.0)
+    feats = torch.randn(3, 2, 2, 7, generator=torch.Generator().manual_seed(3))
+    refs = CiderD([[VOCAB[i:i + 4]] for i in range(3)])
+    u = torch.rand(12, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    results = []
+    for one_pass in (False, True):
+        sc = SelfCritical(dec, refs, WORD_MAP, samples=4, max_len=12, dropout=one_pass).train()
+        assert dec.training == one_pass
+        dec.zero_grad()
+        loss, sums = sc(feats, torch.arange(3), u, 12)
+        loss.backward()
+        results.append((loss.item(), sums, [p.grad.clone() for p in dec.parameters() if p.grad is not None]))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert l0 == pytest.approx(l1, abs=1e-5) and torch.equal(s0, s1) and len(g0) == len(g1) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1))
+    assert any(a.abs().sum() > 0 for a in g0)
+
+
+def test_sampling_with_dropout_differentiates_the_masks_that_drew_the_words():
+    """With dropout on, the words come from the masked decoder: another global seed (other masks)
+    changes the samples drawn from the same uniforms, the same seed repeats them, and the loss is
+    -(advantage * the log-probability the sampler reported) with that log-probability's gradient."""
+    dec = tiny_decoder('sat', len(WORD_MAP), 7, dropout=0.5, decoder_dim=32)
+    feats = torch.randn(3, 2, 2, 7, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(12, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sc = SelfCritical(dec, CiderD([[VOCAB[i:i + 4]] for i in range(3)]), WORD_MAP, samples=4, max_len=12,
+                      dropout=True).train()
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return sample_captions(dec, feats, WORD_MAP, 4, 12, uniforms=u, grad=True)
+    (t, n, lp), (t2, n2, lp2), (t3, _, _) = draw(0), draw(0), draw(1)
+    assert torch.equal(t, t2) and torch.equal(n, n2) and torch.equal(lp, lp2) and lp.requires_grad
+    assert not torch.equal(t, t3)
+    dec.eval()
+    t_eval, _, _ = sample_captions(dec, feats, WORD_MAP, 4, 12, uniforms=u)
+    assert not torch.equal(t, t_eval)
+    sc.train()
+    assert dec.training
+    torch.manual_seed(0)
+    loss, sums = sc(feats, torch.arange(3), u, 12)
+    rewards = sc.score(torch.arange(3).repeat_interleave(4), t, n)
+    r = rewards.view(3, 4)
+    advantage = (rewards - ((r.sum(1, keepdim=True) - r) / 3).view(-1)).float()
+    assert sums[0].item() == pytest.approx(rewards.sum().item())
+    assert loss.item() == pytest.approx(-(advantage * lp).sum().item() / 12, abs=1e-6)
+
+
 @pytest.mark.parametrize('name', ['sat', 'show_tell'])
 def test_greedy_sampling_of_a_batch_equals_one_image_at_a_time_and_beam_1(name):
     dec = tiny_decoder(name, len(WORD_MAP), 7)
@@ -111,20 +163,23 @@ REFS = [['a red ball', 'a red ball on the grass', 'one red ball'],
         ['people on the grass', 'two people on the grass', 'people sit on the grass']]
 
 
-def test_self_critical_raises_the_mean_reward_on_a_set_it_can_overfit():
+@pytest.mark.parametrize('dropout', [False, True])
+def test_self_critical_raises_the_mean_reward_on_a_set_it_can_overfit(dropout):
     words = sorted({w for refs in REFS for r in refs for w in r.split()})
     word_map = {'<pad>': 0, **{w: i + 1 for i, w in enumerate(words)}}
     word_map.update({'<unk>': len(word_map), '<start>': len(word_map) + 1, '<end>': len(word_map) + 2})
     torch.manual_seed(0)
-    dec = decoders.build_decoder('sat', len(word_map), 4, emb_dim=16, attention_dim=16, decoder_dim=32)
+    dec = decoders.build_decoder('sat', len(word_map), 4, emb_dim=16, attention_dim=16, decoder_dim=32,
+                                 dropout=0.2)
     sc = SelfCritical(dec, CiderD([[r.split() for r in refs] for refs in REFS]), word_map, samples=5,
-                      max_len=10).train()
-    assert not dec.training                                 # dropout off: see scst.py
+                      max_len=10, dropout=dropout).train()
+    assert dec.training == dropout                          # by default dropout is off: see scst.py
     feats, images = torch.eye(4).view(4, 1, 1, 4), torch.arange(4)
 
-    def expected_reward():                                  # 32 samples per image on fixed draws
+    def expected_reward():                                  # 32 samples per image on fixed draws, no dropout
         u = torch.rand(4 * 32, 10, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-        tokens, lengths, _ = sample_captions(dec, feats, word_map, 32, 10, uniforms=u)
+        tokens, lengths, _ = sample_captions(dec.eval(), feats, word_map, 32, 10, uniforms=u)
+        sc.train()
         return sc.score(images.repeat_interleave(32), tokens, lengths).mean().item()
 
     before = expected_reward()
@@ -158,11 +213,15 @@ def records(out, name='steps.jsonl'):
         return [json.loads(line) for line in f]
 
 
-def test_scst_run_stopped_and_resumed_equals_an_uninterrupted_one(synth_data, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize('dropout', [[], ['--scst-dropout']], ids=['rescoring', 'dropout'])
+def test_scst_run_stopped_and_resumed_equals_an_uninterrupted_one(synth_data, tiny_checkpoint, tmp_path, dropout):
+    """Also with --scst-dropout (the tiny checkpoint's decoder has dropout 0.5): its masks come from
+    the global generator, whose state the checkpoint keeps."""
     folder, name = synth_data
     full, parts = tmp_path / 'full', tmp_path / 'parts'
-    assert scst_run(folder, tiny_checkpoint, full, '--epochs', '2', '--ema-decay', '0.9') == 0
-    assert scst_run(folder, tiny_checkpoint, parts, '--epochs', '2', '--ema-decay', '0.9', '--max-steps', '7') == 0
+    assert scst_run(folder, tiny_checkpoint, full, '--epochs', '2', '--ema-decay', '0.9', *dropout) == 0
+    assert scst_run(folder, tiny_checkpoint, parts, '--epochs', '2', '--ema-decay', '0.9', '--max-steps', '7',
+                    *dropout) == 0
     ckpt = parts / f'checkpoint_{name}.pt'
     assert train.main(['--resume', str(ckpt)]) == 0
     a, b = records(full), records(parts)
@@ -172,6 +231,7 @@ def test_scst_run_stopped_and_resumed_equals_an_uninterrupted_one(synth_data, ti
     for key in ('decoder', 'decoder_ema'):
         assert all(torch.equal(x[key][k], y[key][k]) for k in x[key])
     assert x['config']['objective'] == 'scst' and x['config']['select_by'] == 'CIDEr'
+    assert x['config']['scst_dropout'] == bool(dropout)
     start = torch.load(tiny_checkpoint, weights_only=True)['decoder']
     assert not torch.equal(start['fc.weight'], x['decoder']['fc.weight'])
     metrics = records(full, 'metrics.jsonl')
