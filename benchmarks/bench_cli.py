@@ -1,7 +1,7 @@
 """The whole `python 02_inference.py --img PHOTO` command, as a user runs it: wall time from process
 start to exit (interpreter start, imports, checkpoint load, captioning, writing, exit), median of runs.
 
-    python benchmarks/bench_cli.py                       # the provided checkpoint, one sample photo, 5 runs
+    python benchmarks/bench_cli.py                       # 02's default (the provided pair), one sample photo, 5 runs
     python benchmarks/bench_cli.py --runs 9 --json
 
 Also times `python -c "import torch"` (the floor any command of the suite pays), and reports the
@@ -31,7 +31,8 @@ IMG = os.path.join(REPO, 'assets', 'samples', 'coffee.jpg')
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--img', default=IMG, help='(default: %(default)s)')
-    p.add_argument('--checkpoint', default='', help="('' = the provided one)")
+    p.add_argument('--checkpoint', nargs='+', default=[],
+                   help="one checkpoint, or several (an ensemble) (default: 02_inference.py's, the provided pair)")
     p.add_argument('--runs', type=int, default=RUNS, help='(default: %(default)s)')
     p.add_argument('--json', action='store_true')
     return p.parse_args(argv)
@@ -53,7 +54,7 @@ def main(argv=None):
         raise SystemExit('--runs must be at least 1')
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(REPO, '02_inference.py'), '--img', args.img, '--out', out,
-               '--device', 'cpu', *(['--checkpoint', args.checkpoint] if args.checkpoint else [])]
+               '--device', 'cpu', *(['--checkpoint', *args.checkpoint] if args.checkpoint else [])]
         wall(cmd)   # warm the page cache (files and libraries), as a second use of the command would find it
         load_before = os.getloadavg()[0]
         command, cpu = zip(*[wall(cmd) for _ in range(args.runs)])

@@ -33,7 +33,8 @@ from tutorial_reference import tutorial_beam_search  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', default='', help='trained checkpoint (default: a random model)')
+    p.add_argument('--checkpoint', nargs='+', default=[],
+                   help='trained checkpoint, or several (an ensemble) (default: a random model)')
     p.add_argument('--encoder', default='resnet101', help='random model: encoder')
     p.add_argument('--vocab-size', type=int, default=2631, help='random model: vocabulary')
     p.add_argument('--decoder', default='sat', choices=list(decoders.DECODERS),
@@ -68,7 +69,7 @@ def median_time(fn, repeats, device):
 def load_model(args, device):
     if args.checkpoint:
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
-        return encoder, decoder, word_map, f"{os.path.basename(args.checkpoint)} ({config['decoder']})"
+        return encoder, decoder, word_map, f"{caption.checkpoint_label(args.checkpoint, basename=True)} ({config['decoder']})"
     torch.manual_seed(0)
     encoder = models.Encoder(args.encoder, 'none')
     decoder = decoders.build_decoder(args.decoder, args.vocab_size, encoder.encoder_dim)
@@ -82,7 +83,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup(args.device, args.threads)
     encoder, decoder, word_map, model_name = load_model(args, device)
-    transform = datasets.ImageTransform(**encoder.transform_config())
+    transform = datasets.image_transform(encoder)
     paths = datasets.list_images(args.images)
     pool = [transform(datasets.load_image(p, transform.size)) for p in paths]
     rows = []
@@ -113,7 +114,7 @@ def main(argv=None):
             rows.append({'batch_size': 1, 'beam_size': k, 'tutorial_formulation': True, 'beam_s': round(tut_s, 4),
                          'decode_steps': steps, 'decode_ms_per_image_step': round(tut_s / steps * 1000, 3)})
     result = {'benchmark': 'infer', 'model': model_name, 'image_size': encoder.image_size,
-              'grid': encoder.encoded_image_size, 'max_len': args.max_len, 'results': rows,
+              'grid': getattr(encoder, 'encoded_image_size', None), 'max_len': args.max_len, 'results': rows,
               'peak_rss_mb': peak_rss_mb(), **environment(device)}
     report(result, args.json)
     return 0

@@ -1,6 +1,7 @@
 """The captioning page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
-driven by selenium) against 04_serve.py on 127.0.0.1 with the provided checkpoint. It uploads a
-sample photo, waits for the caption, hovers a word and checks the attention overlay is drawn.
+driven by selenium) against 04_serve.py on 127.0.0.1 with its default, the provided pair of
+checkpoints as an ensemble. It uploads a sample photo, waits for the caption, hovers a word and
+checks the attention overlay is drawn.
 
 Set SERVE_SCREENSHOT=assets/figures/web_page.png to keep the screenshot (the README's figure)."""
 import importlib.util
@@ -42,7 +43,7 @@ def server():
     """04_serve.py's app under uvicorn in a thread of this process, on a free 127.0.0.1 port."""
     import caption
     import uvicorn
-    app = script('04_serve').create_app(caption.PROVIDED_CHECKPOINT)
+    app = script('04_serve').create_app(caption.DEFAULT_CHECKPOINTS)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', access_log=False))
     thread = threading.Thread(target=srv.run, daemon=True)

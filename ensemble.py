@@ -1,0 +1,139 @@
+"""Ensembles: several trained captioners that decode as one (`--checkpoint A.pt B.pt` in 02, 03, 04).
+
+At every decoding step the ensemble's word distribution is the mean of its members' distributions
+(log of the mean probability, as self-critical.pytorch's ensembles), so the one beam search
+(caption.beam_search) serves it unchanged. Members may have different encoders and input sizes
+(the provided pair: EfficientNet-Lite0 at 224 px, Lite2 at 260 px): each member sees the image
+resized by its own transform, exactly as when it runs alone, never a resize of another member's input.
+
+To travel through code written for one encoder and one decoder (DataLoaders, the web server's
+batching, beam_search), the members' inputs and features are packed into one tensor per image:
+
+    image  -> datasets.PackedTransform    -> [sum_i 3 * S_i * S_i]      each member's transform, flattened
+    images -> EnsembleEncoder             -> [B, 1, sum_i P_i * C_i]    each member's feature grid, flattened
+    memory  = EnsembleDecoder.prepare(...)   unpacks them into each member's [B, P_i, C_i]
+
+Members must share the word map and the tokenizer (the averaged distributions are over one
+vocabulary). Attention maps, where shown, are the first member's.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import checkpoint
+import text
+from decoders import Decoder
+
+
+class EnsembleEncoder(nn.Module):
+    """Packed images [B, sum_i 3 S_i^2] -> packed features [B, 1, sum_i P_i C_i] (module docstring)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.name = '+'.join(e.name for e in members)
+        self.image_size = max(e.image_size for e in members)           # what photos are decoded at
+
+    def input_sizes(self):
+        return [3 * e.image_size ** 2 for e in self.members]
+
+    def feature_shapes(self):
+        """[(P_i, C_i)]: each member's grid cells and channels."""
+        return [(e.encoded_image_size ** 2, e.encoder_dim) for e in self.members]
+
+    def forward(self, images):
+        B = images.size(0)
+        parts = torch.split(images.reshape(B, -1), self.input_sizes(), dim=1)
+        feats = [e(x.view(B, 3, e.image_size, e.image_size)).reshape(B, -1) for e, x in zip(self.members, parts)]
+        return torch.cat(feats, dim=1).unsqueeze(1)                           # [B, 1, sum P_i C_i]
+
+
+class EnsembleDecoder(Decoder):
+    """Decoders behind the Decoder interface (decoders.py) as one: step() gives
+    log(sum_i w_i p_i), the weighted mean of the members' word distributions (equal weights by default)."""
+
+    def __init__(self, members, feature_shapes, weights=None):
+        nn.Module.__init__(self)
+        if len(members) != len(feature_shapes):
+            raise ValueError(f'{len(members)} decoders but {len(feature_shapes)} feature shapes')
+        sizes = {d.vocab_size for d in members}
+        if len(sizes) != 1:
+            raise ValueError(f'ensemble members score different vocabularies (sizes {sorted(sizes)})')
+        weights = [1.0 / len(members)] * len(members) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(members) or min(weights) <= 0:
+            raise ValueError(f'ensemble weights {weights}: need one positive weight per member')
+        self.members = nn.ModuleList(members)
+        self.shapes = [tuple(s) for s in feature_shapes]
+        self.vocab_size = members[0].vocab_size
+        self.has_attention = members[0].has_attention
+        self.register_buffer('log_weights', torch.tensor(weights).div(sum(weights)).log(), persistent=False)
+
+    def args(self):
+        return {'members': [d.args() for d in self.members], 'weights': self.log_weights.exp().tolist()}
+
+    def prepare(self, features, k=None):
+        """Packed features [B, 1, sum P_i C_i] (or [B, sum P_i C_i]) -> one memory per member."""
+        B = features.size(0)
+        parts = torch.split(features.reshape(B, -1), [p * c for p, c in self.shapes], dim=1)
+        return tuple(d.prepare(x.view(B, p, c), k) for d, x, (p, c) in zip(self.members, parts, self.shapes))
+
+    def init_state(self, memory, k):
+        return tuple(d.init_state(m, k) for d, m in zip(self.members, memory))
+
+    def step(self, tokens, state, memory):
+        logps, states, alphas = [], [], []
+        for d, s, m in zip(self.members, state, memory):
+            logp, s, alpha = d.step(tokens, s, m)                             # [N, V]
+            logps.append(F.log_softmax(logp.float(), dim=1))
+            states.append(s)
+            alphas.append(alpha)
+        w = self.log_weights.to(logps[0].device).view(-1, 1, 1)
+        logp = torch.logsumexp(torch.stack(logps) + w, dim=0)                 # [N, V]: log sum_i w_i p_i
+        return logp, tuple(states), alphas[0]
+
+    def select(self, state, rows):
+        return tuple(d.select(s, rows) for d, s in zip(self.members, state))
+
+    def select_memory(self, memory, keep):
+        return tuple(d.select_memory(m, keep) for d, m in zip(self.members, memory))
+
+    def special_tokens(self, word_map, allow_unk=False):
+        return self.members[0].special_tokens(word_map, allow_unk)
+
+    def words(self, tokens, rev_word_map):
+        return self.members[0].words(tokens, rev_word_map)
+
+    def step_limit(self):
+        limits = [d.step_limit() for d in self.members if d.step_limit() is not None]
+        return min(limits) if limits else None
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError('an ensemble only decodes (beam search, sampling): train its members one at a time')
+
+
+def load_ensemble(paths, device='cpu'):
+    """Checkpoint files -> (EnsembleEncoder, EnsembleDecoder, word map, the first member's config with
+    'ensemble': the paths), in eval mode on `device`. ValueError names the member that does not fit."""
+    if len(paths) < 2:
+        raise ValueError('an ensemble needs at least two checkpoints')
+    encoders, decoders, first = [], [], None
+    for path in paths:
+        ckpt = checkpoint.load(path)
+        tokenizer = text.checkpoint_tokenizer(ckpt['config'])
+        if first is None:
+            first = (path, ckpt['word_map'], tokenizer, ckpt['config'])
+        elif ckpt['word_map'] != first[1]:
+            raise ValueError(f'{path}: its word map differs from that of {first[0]}: the checkpoints of an '
+                             'ensemble must share one word map (train them on the same prepared data)')
+        elif tokenizer != first[2]:
+            raise ValueError(f'{path}: tokenizer {tokenizer!r}, but {first[0]} uses {first[2]!r}: the checkpoints '
+                             'of an ensemble must share one')
+        encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
+        vocab = (decoder.vocab_size, decoder.special_tokens(first[1]))
+        if decoders and vocab != (decoders[0].vocab_size, decoders[0].special_tokens(first[1])):
+            raise ValueError(f'{path}: its decoder scores another vocabulary than {first[0]} (e.g. GPT-2 tokens)')
+        encoders.append(encoder)
+        decoders.append(decoder)
+    encoder = EnsembleEncoder(encoders).to(device).eval()
+    decoder = EnsembleDecoder(decoders, encoder.feature_shapes()).to(device).eval()
+    return encoder, decoder, first[1], {**first[3], 'ensemble': [str(p) for p in paths]}
