@@ -132,7 +132,8 @@ def main(argv=None):
     except OSError as e:   # disk full, file-size limit, a folder made read-only meanwhile: the summary still comes
         error = utils.describe_error(e)
     print(f"\n{len(rows)} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
-          f"checkpoint {caption.checkpoint_label(args.checkpoint)}); {len(failures)} skipped. Outputs: {os.path.abspath(args.out)}"
+          f"checkpoint {caption.checkpoint_label(args.checkpoint)}); {len(failures)} skipped. "
+          f"Outputs: {os.path.abspath(args.out)}"
           f"{' (captions.json, captions.csv, *_attention.png)' if args.visualize and decoder.has_attention else ' (captions.json, captions.csv)'}")
     if error:
         print(f"error: {error}{f' ({figures} attention figure(s) written)' if args.visualize else ''}",

@@ -144,7 +144,8 @@ def main(argv=None):
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
-    print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, beam sizes {args.beam_sizes}, {device}')
+    print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
+          f'beam sizes {args.beam_sizes}, {device}')
     start = time.time()
     results, failures = caption.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
@@ -167,7 +168,8 @@ def main(argv=None):
     print(f'({note}; {len(scored)} images, {len(failures)} skipped; captioning took {seconds:.1f} s)')
     if args.out:
         try:
-            utils.write_json(args.out, {'split': split, 'num_images': len(scored), 'checkpoint': caption.checkpoint_label(args.checkpoint),
+            utils.write_json(args.out, {'split': split, 'num_images': len(scored),
+                                        'checkpoint': caption.checkpoint_label(args.checkpoint),
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)

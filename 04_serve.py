@@ -368,7 +368,8 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
 
     @app.get('/healthz', summary='Liveness: the model is loaded and the worker is reachable')
     async def healthz():
-        return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True), 'device': str(captioner.device),
+        return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True),
+                'device': str(captioner.device),
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
                 'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches}
 
@@ -443,7 +444,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    print(f'serving {caption.checkpoint_label(args.checkpoint, basename=True)} on http://{args.host}:{args.port} (Ctrl+C stops)', flush=True)
+    print(f'serving {caption.checkpoint_label(args.checkpoint, basename=True)} on http://{args.host}:{args.port} '
+          '(Ctrl+C stops)', flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level='warning')  # serve logs each request
     return 0
 

@@ -17,8 +17,8 @@ from utils import atomic_path
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
 PROVIDED_LITE2 = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')       # shipped
-DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]   # the default of 02, 03, 04: both, as an ensemble
-                                                              # (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
+# The default of 02, 03, 04: both, as an ensemble (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
+DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
 DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
                              # the default of 02, 03, 04 and training's validation; beam_search's own is 0
@@ -262,16 +262,21 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
     return results, failures
 
 
+def checkpoint_paths(checkpoint_path):
+    """A path, or several (an ensemble) -> a list of paths."""
+    return [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+
+
 def checkpoint_label(checkpoint_path, basename=False):
     """One path, or several joined by ' + ' (an ensemble), for messages."""
-    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    paths = checkpoint_paths(checkpoint_path)
     return ' + '.join(os.path.basename(p) if basename else os.fspath(p) for p in paths)
 
 
 def load_captioner(checkpoint_path, device):
     """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
     file, or from several as an ensemble (ensemble.py: one list of two or more paths)."""
-    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    paths = checkpoint_paths(checkpoint_path)
     if len(paths) > 1:
         import ensemble
         return ensemble.load_ensemble(paths, device)

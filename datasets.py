@@ -451,6 +451,7 @@ def image_transform(encoder):
         return PackedTransform([image_transform(e) for e in members])
     return ImageTransform(**encoder.transform_config())
 
+
 def list_images(paths):
     """Image files from a file, a folder or a list of both, in the order given (folders: every
     jpg/jpeg/png/bmp/webp below them, any letter case, sorted; each file once).

@@ -69,7 +69,8 @@ def median_time(fn, repeats, device):
 def load_model(args, device):
     if args.checkpoint:
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
-        return encoder, decoder, word_map, f"{caption.checkpoint_label(args.checkpoint, basename=True)} ({config['decoder']})"
+        name = caption.checkpoint_label(args.checkpoint, basename=True)
+        return encoder, decoder, word_map, f"{name} ({config['decoder']})"
     torch.manual_seed(0)
     encoder = models.Encoder(args.encoder, 'none')
     decoder = decoders.build_decoder(args.decoder, args.vocab_size, encoder.encoder_dim)

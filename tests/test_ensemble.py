@@ -142,7 +142,8 @@ def test_evaluate_and_inference_take_several_checkpoints(tiny_checkpoint, second
     assert script('02_inference').main(['--img', photos, '--checkpoint', *both, '--out', str(tmp_path / 'o'),
                                         '--visualize']) == 0
     rows = json.load(open(tmp_path / 'o' / 'captions.json'))
-    assert len(rows) == len(datasets.list_images(photos)) and len(list((tmp_path / 'o').glob('*_attention.png'))) == len(rows)
+    assert len(rows) == len(datasets.list_images(photos))
+    assert len(list((tmp_path / 'o').glob('*_attention.png'))) == len(rows)
 
 
 def test_a_member_with_another_word_map_is_one_clear_error(tiny_checkpoint, tmp_path, capsys):
