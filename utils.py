@@ -1,4 +1,4 @@
-"""Small shared helpers: tokenisation, atomic file writes, checkpoints, seeding, devices,
+"""Small shared helpers: tokenisation, atomic file writes, state dicts, seeding, devices,
 meters and the distributed (torchrun) plumbing.
 
 Nothing here does work at import time.
