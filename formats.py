@@ -2,8 +2,8 @@
 Flickr8k(-CN) token files, AI Challenger and official COCO caption JSON) read into ImageRecords.
 
 `read_karpathy` reads a Karpathy split file (--karpathy-json); `read_caption_table` reads your own
-captions (--captions-file), one format recognised per file by `_table_rows`, each format's rows by
-its own function. prepare.py turns the records into the prepared files.
+captions (--captions-file): caption_format recognises which of CAPTION_FORMATS a file is, and
+that format's own function reads its rows. prepare.py turns the records into the prepared files.
 """
 import codecs
 import collections
@@ -218,20 +218,37 @@ def _read_text(path):
 
 
 def _table_rows(path):
-    """Yield (where, image, caption, SPLIT or None, row id for duplicate merging) from a CSV, JSONL,
-    JSON or Flickr8k(-CN) token file."""
+    """Yield (where, image, caption, SPLIT or None, row id for duplicate merging) from a file in one
+    of CAPTION_FORMATS (the one caption_format recognises)."""
+    name, content = caption_format(path, _read_text(path))
+    yield from CAPTION_FORMATS[name](path, content)
+
+
+def caption_format(path, content):
+    """The name in CAPTION_FORMATS of the format of `path` (text `content`), and what that format's
+    rows function reads: the text, or for the JSON formats the parsed JSON. ValueError when a JSON
+    file is none of them."""
     ext = os.path.splitext(path)[1].lower()
-    content = _read_text(path)
     first = content.split('\n', 1)[0]
     head = first.split('\t')[0] if '\t' in first else (first.split(None, 1) or [''])[0]
     if ext == '.jsonl':
-        yield from _jsonl_rows(path, content)
-    elif ext == '.json':
-        yield from _json_rows(path, content)
-    elif ext == '.txt' and '#' in head:
-        yield from _token_file_rows(path, content)
-    else:
-        yield from _csv_rows(path, content)
+        return 'jsonl', content
+    if ext == '.json':
+        try:
+            data = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: line {e.lineno}: not valid JSON ({e.msg})') from None
+        if isinstance(data, list):
+            return 'ai_challenger', data
+        if isinstance(data, dict) and 'annotations' in data and 'images' in data:
+            return 'coco', data
+        if isinstance(data, dict) and 'images' in data:
+            raise ValueError(f'{path}: this looks like a Karpathy split JSON: pass it with --karpathy-json')
+        raise ValueError(f'{path}: unrecognised JSON: expected AI Challenger captions (a list of '
+                         '{"image_id", "caption": [...]}) or COCO caption annotations ({"images", "annotations"})')
+    if ext == '.txt' and '#' in head:
+        return 'token_file', content
+    return 'csv', content
 
 
 def _split_value(path, where, value):
@@ -300,44 +317,47 @@ def _token_file_rows(path, content):
         yield where, image, caption, None, name.strip()
 
 
-def _json_rows(path, content):
-    """AI Challenger caption JSON or official COCO caption annotations, recognised by their shape."""
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: line {e.lineno}: not valid JSON ({e.msg})') from None
-    if isinstance(data, list):                                   # AI Challenger
-        for i, item in enumerate(data):
-            where = f'[{i}]'
-            if not isinstance(item, dict) or 'image_id' not in item:
-                raise ValueError(f"{path}: {where}: expected an object with 'image_id' and a 'caption' list "
-                                 '(AI Challenger caption JSON)')
-            caps = item.get('caption')
-            if not isinstance(caps, list):
-                raise ValueError(f"{path}: {where} ({item['image_id']}): field 'caption' must be a list of "
-                                 f"sentences, got {type(caps).__name__ if caps is not None else 'nothing'}")
-            for j, cap in enumerate(caps):
-                image, caption = _check_row(path, f'{where}.caption[{j}]', item['image_id'], cap)
-                yield where, image, caption, None, f'{where}.caption[{j}]'
-        return
-    if isinstance(data, dict) and 'annotations' in data and 'images' in data:   # official COCO captions
-        if not isinstance(data['images'], list) or not isinstance(data['annotations'], list):
-            raise ValueError(f"{path}: fields 'images' and 'annotations' must be lists (COCO caption annotations)")
-        files = {}
-        for i, img in enumerate(data['images']):
-            if not isinstance(img, dict) or 'id' not in img or 'file_name' not in img:
-                raise ValueError(f"{path}: images[{i}]: expected an object with 'id' and 'file_name'")
-            files[img['id']] = img['file_name']
-        for j, ann in enumerate(data['annotations']):
-            where = f'annotations[{j}]'
-            if not isinstance(ann, dict) or 'image_id' not in ann or 'caption' not in ann:
-                raise ValueError(f"{path}: {where}: expected an object with 'image_id' and 'caption'")
-            if ann['image_id'] not in files:
-                raise ValueError(f"{path}: {where}: image_id {ann['image_id']!r} is not in 'images'")
-            image, caption = _check_row(path, where, files[ann['image_id']], ann['caption'])
-            yield where, image, caption, None, where
-        return
-    if isinstance(data, dict) and 'images' in data:
-        raise ValueError(f'{path}: this looks like a Karpathy split JSON: pass it with --karpathy-json')
-    raise ValueError(f'{path}: unrecognised JSON: expected AI Challenger captions (a list of '
-                     '{"image_id", "caption": [...]}) or COCO caption annotations ({"images", "annotations"})')
+def _ai_challenger_rows(path, data):
+    """AI Challenger caption JSON: [{"url", "image_id", "caption": [sentences]}]."""
+    for i, item in enumerate(data):
+        where = f'[{i}]'
+        if not isinstance(item, dict) or 'image_id' not in item:
+            raise ValueError(f"{path}: {where}: expected an object with 'image_id' and a 'caption' list "
+                             '(AI Challenger caption JSON)')
+        caps = item.get('caption')
+        if not isinstance(caps, list):
+            raise ValueError(f"{path}: {where} ({item['image_id']}): field 'caption' must be a list of "
+                             f"sentences, got {type(caps).__name__ if caps is not None else 'nothing'}")
+        for j, cap in enumerate(caps):
+            image, caption = _check_row(path, f'{where}.caption[{j}]', item['image_id'], cap)
+            yield where, image, caption, None, f'{where}.caption[{j}]'
+
+
+def _coco_rows(path, data):
+    """Official COCO caption annotations (captions_train2017.json): {"images", "annotations"}."""
+    if not isinstance(data['images'], list) or not isinstance(data['annotations'], list):
+        raise ValueError(f"{path}: fields 'images' and 'annotations' must be lists (COCO caption annotations)")
+    files = {}
+    for i, img in enumerate(data['images']):
+        if not isinstance(img, dict) or 'id' not in img or 'file_name' not in img:
+            raise ValueError(f"{path}: images[{i}]: expected an object with 'id' and 'file_name'")
+        files[img['id']] = img['file_name']
+    for j, ann in enumerate(data['annotations']):
+        where = f'annotations[{j}]'
+        if not isinstance(ann, dict) or 'image_id' not in ann or 'caption' not in ann:
+            raise ValueError(f"{path}: {where}: expected an object with 'image_id' and 'caption'")
+        if ann['image_id'] not in files:
+            raise ValueError(f"{path}: {where}: image_id {ann['image_id']!r} is not in 'images'")
+        image, caption = _check_row(path, where, files[ann['image_id']], ann['caption'])
+        yield where, image, caption, None, where
+
+
+# The formats --captions-file reads (caption_format tells which a file is): name -> its rows function,
+# (path, text or parsed JSON) -> (where, image, caption, SPLIT or None, row id).
+CAPTION_FORMATS = {
+    'csv': _csv_rows,                  # header image,caption[,split]; Flickr8k's captions.txt (any other file)
+    'jsonl': _jsonl_rows,              # .jsonl: {"image", "caption"[, "split"]} per line
+    'token_file': _token_file_rows,    # .txt: Flickr8k.token.txt, Flickr8k-CN's caption files
+    'ai_challenger': _ai_challenger_rows,   # .json: a list of {"image_id", "caption": [...]}
+    'coco': _coco_rows,                # .json: {"images", "annotations"} (official COCO captions)
+}
