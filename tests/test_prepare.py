@@ -1,4 +1,4 @@
-"""00_create_input_files.py and the readers/writers of datasets.py."""
+"""00_create_input_files.py, the pipeline of prepare.py and the readers of formats.py and datasets.py."""
 import json
 import os
 
