@@ -1,5 +1,6 @@
-"""The checkpoint format: what a checkpoint holds, the migration of older files, export to a small
-inference file, and rebuilding the models from one.
+"""The checkpoint format and its files: what a checkpoint holds, saving and loading (with a one-line
+reason for a file that is not one), the migration of older files, export to a small inference
+file, and rebuilding the models from one.
 
 A checkpoint is a plain dict of tensors and primitives (torch.load(weights_only=True) reads it;
 save_checkpoint / load_checkpoint below do the file I/O). Format 2:
