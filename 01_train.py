@@ -56,13 +56,15 @@ IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: res
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
                                 # efficientnet_lite0/2 its native map, IMAGE_SIZE / 32 rounded up: 7, 9)
 DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm | clipcap
+                                # | transformer (transformer_decoder.py)
 # Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
 # alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256;
 # clipcap.py: scratch LM of 4 blocks x 256 wide, 4 heads, MLP mapping, prefix 10, dropout 0.1)
 EMB_DIM = None                  # word embedding size (repeat_bilstm: its image layer)
 ATTENTION_DIM = None            # attention size (sat, dot_attention)
 DECODER_DIM = None              # LSTM hidden size
-NUM_LAYERS = None               # LSTM layers (show_tell, repeat_bilstm)
+NUM_LAYERS = None               # LSTM layers (show_tell, repeat_bilstm); transformer: its layers (3)
+NUM_HEADS = None                # transformer: attention heads (8; --decoder-dim is its width, 512)
 DROPOUT = None
 ALPHA_C = None                  # weight of the doubly stochastic attention penalty (sat, dot_attention)
 ATTENTION_RELU = None           # dot_attention: ReLU on the scores before the softmax, as seed 001
@@ -155,8 +157,9 @@ def make_parser(suppress=False):
     add('--decoder', DECODER, ', '.join(DECODERS), choices=list(DECODERS))
     add('--emb-dim', EMB_DIM, 'word embedding size', type=int)
     add('--attention-dim', ATTENTION_DIM, 'attention size', type=int)
-    add('--decoder-dim', DECODER_DIM, 'LSTM size', type=int)
-    add('--num-layers', NUM_LAYERS, 'LSTM layers (show_tell, repeat_bilstm)', type=int)
+    add('--decoder-dim', DECODER_DIM, 'LSTM size (transformer: model width)', type=int)
+    add('--num-layers', NUM_LAYERS, 'LSTM layers (show_tell, repeat_bilstm), transformer layers', type=int)
+    add('--num-heads', NUM_HEADS, 'transformer: attention heads', type=int)
     add('--dropout', DROPOUT, 'dropout before the output layer', type=float)
     add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight', type=float)
     add('--attention-relu', ATTENTION_RELU, 'dot_attention: ReLU before the softmax',
@@ -223,6 +226,7 @@ RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1
           'attention_dim': (1, None, 'at least 1'), 'decoder_dim': (1, None, 'at least 1'),
           'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more'),
           'num_layers': (1, None, 'at least 1'), 'prefix_length': (1, None, 'at least 1'),
+          'num_heads': (1, None, 'at least 1'),
           'clip_length': (1, None, 'at least 1'), 'mapping_layers': (1, None, 'at least 1'),
           'lm_layers': (1, None, 'at least 1'), 'lm_dim': (1, None, 'at least 1'), 'lm_heads': (1, None, 'at least 1'),
           'lm_positions': (2, None, 'at least 2'),

@@ -440,6 +440,7 @@ DECODERS = {
 # built) and adds itself to DECODERS. A plain `import` of a module being imported does not fail, so
 # the registry is complete whichever of the two modules is imported first.
 import clipcap  # noqa: E402,F401
+import transformer_decoder  # noqa: E402,F401  (adds 'transformer', the same way)
 
 
 def decoder_fields(name):

@@ -144,7 +144,7 @@ def test_sampling_with_dropout_differentiates_the_masks_that_drew_the_words():
     assert loss.item() == pytest.approx(-(advantage * lp).sum().item() / 12, abs=1e-6)
 
 
-@pytest.mark.parametrize('name', ['sat', 'show_tell'])
+@pytest.mark.parametrize('name', ['sat', 'show_tell', 'transformer'])
 def test_greedy_sampling_of_a_batch_equals_one_image_at_a_time_and_beam_1(name):
     dec = tiny_decoder(name, len(WORD_MAP), 7)
     feats = torch.randn(4, 2, 2, 7, generator=torch.Generator().manual_seed(2))

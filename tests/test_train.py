@@ -177,7 +177,8 @@ def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path)
                        '--workers', '0', '--out-dir', str(tmp_path / 'again')]) == 0
 
 
-@pytest.mark.parametrize('name', ['dot_attention', 'show_tell', 'repeat_bilstm', 'clipcap'])
+@pytest.mark.parametrize('name', ['dot_attention', 'show_tell', 'repeat_bilstm', 'clipcap',
+                                  'transformer'])
 def test_every_decoder_trains_resumes_and_is_read_from_its_checkpoint(name, synth_data, tmp_path, capsys):
     """01_train.py --decoder NAME: a stopped and resumed run reproduces the losses; 02 and 03 take the
     decoder from the checkpoint (format 2), and --visualize says when there is no attention."""
