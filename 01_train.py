@@ -39,9 +39,9 @@ from caption import beam_search
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
 from cider import CiderD
 from decoders import DECODERS, caption_loss
-from metrics import NltkBleu, diversity_scores
+from metrics import NltkBleu, bad_ending_rate, diversity_scores, ending_counts
 from models import DECODER_SETTINGS, ENCODERS, build_models, default_grid
-from scst import BASELINES, SelfCritical
+from scst import BASELINES, SelfCritical, reward_corpus
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -93,6 +93,8 @@ SCST_BASELINE = 'mean'          # mean: of the image's other samples | greedy: i
 SCST_MAX_LEN = 20               # most tokens (words + <end>) of a sampled caption
 SCST_DROPOUT = False            # sample with the decoder's dropout on, differentiating the samples under the
                                 # masks that drew them (scst.py); off: no dropout, teacher-forced re-scoring
+SCST_END_TOKEN = True           # scst: the reward's CIDEr-D counts <end> as a word (scst.py), so a caption cut
+                                # short ("a man in a red <end>") no longer scores like a finished one
 SCST_DECODER_LR = 5e-5          # the decoder learning rate of a self-critical run unless --decoder-lr is given
 SELECT_BY = 'auto'              # VAL metric that selects BEST and drives the schedule: BLEU-4 | CIDEr
                                 # (auto: BLEU-4 for xe, CIDEr for scst)
@@ -107,6 +109,7 @@ FINE_TUNE_FROM = ''             # first encoder layer to train ('' = the encoder
 CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
 VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
 VAL_NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # ... which repeat no n-gram of this size (0 = off)
+MIN_LEN = 1                     # VAL captions and self-critical samples have at least this many words
 VAL_MAX_IMAGES = 0              # score only the first N VAL images (0 = all)
 MAX_STEPS = 0                   # stop (resumably) after this many steps in this run (0 = no limit)
 SEED = 0
@@ -189,6 +192,8 @@ def make_parser(suppress=False):
         "its greedy caption's reward)", choices=list(BASELINES))
     add('--scst-max-len', SCST_MAX_LEN, 'scst: most tokens of a sampled caption (words + <end>)')
     add('--scst-dropout', SCST_DROPOUT, "scst: keep the decoder's dropout on while sampling")
+    add('--scst-end-token', SCST_END_TOKEN, "scst: the CIDEr-D reward counts <end> as a word (no reward for "
+        'truncated captions)')
     add('--select-by', SELECT_BY, 'VAL metric for BEST and the schedule (auto: BLEU-4 for xe, CIDEr for scst)',
         choices=['auto', *SELECT_KEYS])
     add('--ema-decay', EMA_DECAY, 'per-step decay of a moving average of the decoder weights (0 = off)')
@@ -200,6 +205,7 @@ def make_parser(suppress=False):
     add('--cache-features', CACHE_FEATURES, 'frozen encoder: train from cached fp16 features')
     add('--val-beam-size', VAL_BEAM_SIZE, 'beam size for VAL captions (1 = greedy)')
     add('--val-no-repeat-ngram', VAL_NO_REPEAT_NGRAM, 'VAL captions repeat no n-gram of this size (0 = off)')
+    add('--min-len', MIN_LEN, 'VAL captions and self-critical samples have at least this many words')
     add('--val-max-images', VAL_MAX_IMAGES, 'score only the first N VAL images (0 = all)')
     add('--max-steps', MAX_STEPS, 'stop resumably after N steps in this run (0 = no limit)')
     add('--seed', SEED, 'random seed')
@@ -219,6 +225,7 @@ def make_parser(suppress=False):
 RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1'), 'workers': (0, None, '0 or more'),
           'val_beam_size': (1, None, 'at least 1 (1 = greedy)'), 'val_max_images': (0, None, '0 (all) or more'),
           'val_no_repeat_ngram': (0, None, '0 (off) or more'),
+          'min_len': (0, None, '0 or more'),
           'max_steps': (0, None, '0 (no limit) or more'), 'log_every': (0, None, '0 or more'),
           'save_every': (0, None, '0 or more'), 'early_stop': (0, None, '0 (never) or more'),
           'lr_patience': (0, None, '0 or more'), 'image_size': (0, None, '0 (the encoder\'s) or more'),
@@ -279,9 +286,10 @@ def resolve_config(argv, device):
     if config['resume']:
         resume_ckpt = checkpoint.load(config['resume'])
         # settings newer than the checkpoint take the values that reproduce what the run did before they
-        # existed (cross-entropy, selected by BLEU-4, validated without the no-repeat constraint)
+        # existed (cross-entropy, selected by BLEU-4, validated without the no-repeat constraint, the
+        # reward without the end token, captions of no words allowed)
         saved = {**vars(make_parser().parse_args([])), 'select_by': 'BLEU-4', 'val_no_repeat_ngram': 0,
-                 **resume_ckpt['config']}
+                 'scst_end_token': False, 'min_len': 0, **resume_ckpt['config']}
         for key, value in given.items():
             if key not in RESUME_OVERRIDABLE and key in saved and saved[key] != value:
                 raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '
@@ -466,6 +474,7 @@ class Trainer:
         self.train_loader = DataLoader(datasets.Indexed(self.train_set), batch_sampler=self.sampler, **loader_kw)
         self.val_refs = val_set.refs()
         self.val_ref_tokens = None   # tokenised on first use (VAL CIDEr-D)
+        self.train_endings = None    # how often each word ends a TRAIN reference (bad endings), on first use
         n_val = min(val_set.num_images, config['val_max_images'] or val_set.num_images)
         self.val_loader = DataLoader(torch.utils.data.Subset(val_set, range(n_val)),
                                      batch_size=max(1, 64 // self.cpi), **loader_kw)
@@ -510,7 +519,8 @@ class Trainer:
         model = self.objective = decoder
         if self.scst:
             model = self.objective = SelfCritical(decoder, self._train_reward(), self.word_map, config['scst_samples'],
-                                 config['scst_baseline'], config['scst_max_len'], config['scst_dropout'])
+                                 config['scst_baseline'], config['scst_max_len'], config['scst_dropout'],
+                                 config['scst_end_token'], config['min_len'])
 
         # What the training step calls: DDP wrappers in distributed runs (around the whole objective for
         # scst), a compiled encoder on request
@@ -548,15 +558,16 @@ class Trainer:
                              lambda r: r.get('epoch', 0) < self.state['epoch'])
 
     def _train_reward(self):
-        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py)."""
+        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py), each
+        ending with the word <end> when the reward is end-aware (scst.reward_corpus)."""
         start, tokenizer = time.time(), self.config['tokenizer']
         refs = [[text.tokenize(r, tokenizer) for r in image_refs] for image_refs in self.train_set.refs()]
         if len(refs) != self.train_set.num_images:
             raise ValueError(f'{self.train_set.refs_path}: references of {len(refs)} images, the TRAIN split has '
                              f'{self.train_set.num_images}: re-run 00_create_input_files.py')
-        reward = CiderD(refs)
-        self.log(f'self-critical reward: CIDEr-D against the references of {len(refs)} TRAIN images '
-                 f'({len(reward.ids)} n-grams, {time.time() - start:.1f} s)')
+        reward = reward_corpus(refs, self.config['scst_end_token'])
+        self.log(f"self-critical reward: {'end-aware ' if self.config['scst_end_token'] else ''}CIDEr-D against the "
+                 f"references of {len(refs)} TRAIN images ({len(reward.ids)} n-grams, {time.time() - start:.1f} s)")
         return reward
 
     @staticmethod
@@ -598,7 +609,8 @@ class Trainer:
         config, state = self.config, self.state
         if self.scst:
             what = (f"self-critical training ({config['scst_samples']} samples per image, {config['scst_baseline']} "
-                    f"baseline, CIDEr-D reward{', dropout on' if config['scst_dropout'] else ''})")
+                    f"baseline, {'end-aware ' if config['scst_end_token'] else ''}CIDEr-D reward"
+                    f"{', dropout on' if config['scst_dropout'] else ''})")
             per_step = f"{self.images_per_batch} images x {config['scst_samples']} samples per step"
         else:
             what, per_step = 'training', f'{self.images_per_batch * self.cpi} captions per step'
@@ -664,7 +676,8 @@ class Trainer:
                  f"loss {val['val_tf_loss']:.3f} top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam "
                  f"{self.config['val_beam_size']}) BLEU-4 {val['bleu4']:.4f}{best['bleu4']} "
                  f"CIDEr {val['cider']:.4f}{best['cider']}, {val['val_repeated_trigrams']:.1%} repeat a "
-                 f"trigram, {val['val_distinct_words']} words, {val['val_unique_captions']:.1%} unique")
+                 f"trigram, {val['val_distinct_words']} words, {val['val_unique_captions']:.1%} unique, "
+                 f"{val['val_bad_endings']:.1%} bad endings")
         for sample in val['samples'][:2]:
             self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
 
@@ -819,7 +832,8 @@ class Trainer:
     def validate(self):
         """Teacher-forced loss/top-5 and, for model selection, BLEU-4 and CIDEr-D (df from the scored VAL
         references, as the COCO toolkit) of generated VAL captions (with their repetition and diversity,
-        metrics.diversity_scores, as val_* entries)."""
+        metrics.diversity_scores, and the share of bad endings, metrics.bad_ending_rate against the TRAIN
+        references, as val_* entries)."""
         decoder = self.ema.module if self.ema is not None else self.decoder
         self.encoder.eval()
         decoder.eval()
@@ -827,6 +841,8 @@ class Trainer:
         cpi, device, tokenizer = self.cpi, self.device, self.config.get('tokenizer', 'words')
         if self.val_ref_tokens is None:
             self.val_ref_tokens = [[text.tokenize(r, tokenizer) for r in refs] for refs in self.val_refs]
+        if self.train_endings is None:
+            self.train_endings = ending_counts(self.train_set.refs(), tokenizer)
         tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
         res, gts, hyp_words, samples, i = {}, {}, [], [], 0
         for x, caps, caplens in tqdm(self.val_loader, desc='validating', unit='batch', leave=False,
@@ -839,7 +855,8 @@ class Trainer:
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
             # runs from before the setting validated without it, and keep doing so when resumed
             for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size'],
-                                   no_repeat_ngram_size=self.config.get('val_no_repeat_ngram', 0)):
+                                   no_repeat_ngram_size=self.config.get('val_no_repeat_ngram', 0),
+                                   min_len=self.config['min_len']):
                 hyp_words.append(decoder.words(hyp['tokens'], rev))
                 res[i] = [' '.join(hyp_words[-1])]
                 gts[i] = self.val_refs[i]
@@ -848,6 +865,7 @@ class Trainer:
                 i += 1
         bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
         diversity = diversity_scores([res[j][0] for j in sorted(res)], tokenizer)
+        diversity['bad_endings'] = bad_ending_rate([res[j][0] for j in sorted(res)], self.train_endings, tokenizer)
         cider = float(CiderD(self.val_ref_tokens[:i]).scores(range(i), hyp_words).mean())
         return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
                 'cider': cider, **{f'val_{k}': v for k, v in diversity.items()}, 'samples': samples}
