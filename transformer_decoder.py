@@ -162,7 +162,7 @@ class TransformerDecoder(decoders.Decoder):
     def prepare(self, features, k=None):
         """features [B, g, g, C] or [B, P, C] -> (k_0, v_0, k_1, v_1, ...): each layer's cross-attention
         keys and values [B, H, P, d/H] of the positioned grid, once per image."""
-        enc = decoders._flat(features)                                        # [B, P, C]
+        enc = features.reshape(features.size(0), -1, features.size(-1))      # [B, P, C]
         grid = self.grid_norm(self.grid_proj(enc))                            # [B, P, d]
         grid = grid + grid_positions(enc.size(1), self.d, enc.device).to(grid.dtype)
         return tuple(t for layer in self.layers for t in layer.cross_attn.keys_values(grid))
