@@ -27,8 +27,8 @@ their log-probabilities are differentiated under the very dropout masks that dre
 re-scoring). The policy is then the decoder with a random mask per step, a regulariser against
 fitting the TRAIN references.
 
-The end-aware reward (self-critical.pytorch's default, Luo 2020): with the end token left out of
-CIDEr-D, "a man in a red" scores about as well as "a man in a red shirt" (every n-gram of the
+The end-aware reward (as self-critical.pytorch scores: its CIDEr-D strings keep the end token): without it,
+"a man in a red" can score as well as "a man in a red shirt" or better (every n-gram of the
 short caption is in the references, and the length penalty is gentle), so cutting a caption short
 costs nothing and self-critical training learns truncated endings. With `end_token`, every TRAIN
 reference ends with the word '<end>' (`reward_corpus`) and so does every sample that emitted <end>:
