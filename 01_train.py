@@ -57,13 +57,15 @@ IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: res
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
                                 # efficientnet_lite0/2 its native map, IMAGE_SIZE / 32 rounded up: 7, 9)
 DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm | clipcap
+                                # | transformer (transformer_decoder.py)
 # Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
 # alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256;
 # clipcap.py: scratch LM of 4 blocks x 256 wide, 4 heads, MLP mapping, prefix 10, dropout 0.1)
 EMB_DIM = None                  # word embedding size (repeat_bilstm: its image layer)
 ATTENTION_DIM = None            # attention size (sat, dot_attention)
 DECODER_DIM = None              # LSTM hidden size
-NUM_LAYERS = None               # LSTM layers (show_tell, repeat_bilstm)
+NUM_LAYERS = None               # LSTM layers (show_tell, repeat_bilstm); transformer: its layers (3)
+NUM_HEADS = None                # transformer: attention heads (8; --decoder-dim is its width, 512)
 DROPOUT = None
 ALPHA_C = None                  # weight of the doubly stochastic attention penalty (sat, dot_attention)
 ATTENTION_RELU = None           # dot_attention: ReLU on the scores before the softmax, as seed 001
@@ -92,6 +94,8 @@ SCST_BASELINE = 'mean'          # mean: of the image's other samples | greedy: i
 SCST_MAX_LEN = 20               # most tokens (words + <end>) of a sampled caption
 SCST_DROPOUT = False            # sample with the decoder's dropout on, differentiating the samples under the
                                 # masks that drew them (scst.py); off: no dropout, teacher-forced re-scoring
+SCST_END_TOKEN = True           # scst: the reward's CIDEr-D counts <end> as a word (scst.py), so a caption cut
+                                # short ("a man in a red <end>") no longer scores like a finished one
 SCST_DECODER_LR = 5e-5          # the decoder learning rate of a self-critical run unless --decoder-lr is given
 SELECT_BY = 'auto'              # VAL metric that selects BEST and drives the schedule: BLEU-4 | CIDEr
                                 # (auto: BLEU-4 for xe, CIDEr for scst)
@@ -106,6 +110,7 @@ FINE_TUNE_FROM = ''             # first encoder layer to train ('' = the encoder
 CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
 VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
 VAL_NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # ... which repeat no n-gram of this size (0 = off)
+MIN_LEN = 1                     # VAL captions and self-critical samples have at least this many words
 VAL_MAX_IMAGES = 0              # score only the first N VAL images (0 = all)
 MAX_STEPS = 0                   # stop (resumably) after this many steps in this run (0 = no limit)
 SEED = 0
@@ -155,8 +160,9 @@ def make_parser(suppress=False):
     add('--decoder', DECODER, ', '.join(DECODERS), choices=list(DECODERS))
     add('--emb-dim', EMB_DIM, 'word embedding size', type=int)
     add('--attention-dim', ATTENTION_DIM, 'attention size', type=int)
-    add('--decoder-dim', DECODER_DIM, 'LSTM size', type=int)
-    add('--num-layers', NUM_LAYERS, 'LSTM layers (show_tell, repeat_bilstm)', type=int)
+    add('--decoder-dim', DECODER_DIM, 'LSTM size (transformer: model width)', type=int)
+    add('--num-layers', NUM_LAYERS, 'LSTM layers (show_tell, repeat_bilstm), transformer layers', type=int)
+    add('--num-heads', NUM_HEADS, 'transformer: attention heads', type=int)
     add('--dropout', DROPOUT, 'dropout before the output layer', type=float)
     add('--alpha-c', ALPHA_C, 'doubly stochastic attention penalty weight', type=float)
     add('--attention-relu', ATTENTION_RELU, 'dot_attention: ReLU before the softmax',
@@ -186,6 +192,8 @@ def make_parser(suppress=False):
         "its greedy caption's reward)", choices=list(BASELINES))
     add('--scst-max-len', SCST_MAX_LEN, 'scst: most tokens of a sampled caption (words + <end>)')
     add('--scst-dropout', SCST_DROPOUT, "scst: keep the decoder's dropout on while sampling")
+    add('--scst-end-token', SCST_END_TOKEN, "scst: the CIDEr-D reward counts <end> as a word (no reward for "
+        'truncated captions)')
     add('--select-by', SELECT_BY, 'VAL metric for BEST and the schedule (auto: BLEU-4 for xe, CIDEr for scst)',
         choices=['auto', *SELECT_KEYS])
     add('--ema-decay', EMA_DECAY, 'per-step decay of a moving average of the decoder weights (0 = off)')
@@ -197,6 +205,7 @@ def make_parser(suppress=False):
     add('--cache-features', CACHE_FEATURES, 'frozen encoder: train from cached fp16 features')
     add('--val-beam-size', VAL_BEAM_SIZE, 'beam size for VAL captions (1 = greedy)')
     add('--val-no-repeat-ngram', VAL_NO_REPEAT_NGRAM, 'VAL captions repeat no n-gram of this size (0 = off)')
+    add('--min-len', MIN_LEN, 'VAL captions and self-critical samples have at least this many words')
     add('--val-max-images', VAL_MAX_IMAGES, 'score only the first N VAL images (0 = all)')
     add('--max-steps', MAX_STEPS, 'stop resumably after N steps in this run (0 = no limit)')
     add('--seed', SEED, 'random seed')
@@ -216,6 +225,7 @@ def make_parser(suppress=False):
 RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1'), 'workers': (0, None, '0 or more'),
           'val_beam_size': (1, None, 'at least 1 (1 = greedy)'), 'val_max_images': (0, None, '0 (all) or more'),
           'val_no_repeat_ngram': (0, None, '0 (off) or more'),
+          'min_len': (0, None, '0 or more'),
           'max_steps': (0, None, '0 (no limit) or more'), 'log_every': (0, None, '0 or more'),
           'save_every': (0, None, '0 or more'), 'early_stop': (0, None, '0 (never) or more'),
           'lr_patience': (0, None, '0 or more'), 'image_size': (0, None, '0 (the encoder\'s) or more'),
@@ -223,6 +233,7 @@ RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1
           'attention_dim': (1, None, 'at least 1'), 'decoder_dim': (1, None, 'at least 1'),
           'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more'),
           'num_layers': (1, None, 'at least 1'), 'prefix_length': (1, None, 'at least 1'),
+          'num_heads': (1, None, 'at least 1'),
           'clip_length': (1, None, 'at least 1'), 'mapping_layers': (1, None, 'at least 1'),
           'lm_layers': (1, None, 'at least 1'), 'lm_dim': (1, None, 'at least 1'), 'lm_heads': (1, None, 'at least 1'),
           'lm_positions': (2, None, 'at least 2'),
@@ -261,9 +272,10 @@ def resolve_config(argv, device):
     if config['resume']:
         resume_ckpt = checkpoint.load(config['resume'])
         # settings newer than the checkpoint take the values that reproduce what the run did before they
-        # existed (cross-entropy, selected by BLEU-4, validated without the no-repeat constraint)
+        # existed (cross-entropy, selected by BLEU-4, validated without the no-repeat constraint, the
+        # reward without the end token, captions of no words allowed)
         saved = {**vars(make_parser().parse_args([])), 'select_by': 'BLEU-4', 'val_no_repeat_ngram': 0,
-                 **resume_ckpt['config']}
+                 'scst_end_token': False, 'min_len': 0, **resume_ckpt['config']}
         for key, value in given.items():
             if key not in RESUME_OVERRIDABLE and key in saved and saved[key] != value:
                 raise SystemExit(f'--{key.replace("_", "-")} {value} differs from the checkpoint ({saved[key]}); '
@@ -391,6 +403,7 @@ class Trainer(Objective, Validation, RunFolder):
         self.train_loader = DataLoader(datasets.Indexed(self.train_set), batch_sampler=self.sampler, **loader_kw)
         self.val_refs = val_set.refs()
         self.val_ref_tokens = None   # tokenised on first use (VAL CIDEr-D)
+        self.train_endings = None    # how often each word ends a TRAIN reference (bad endings), on first use
         n_val = min(val_set.num_images, config['val_max_images'] or val_set.num_images)
         self.val_loader = DataLoader(torch.utils.data.Subset(val_set, range(n_val)),
                                      batch_size=max(1, 64 // self.cpi), **loader_kw)
@@ -435,7 +448,8 @@ class Trainer(Objective, Validation, RunFolder):
         model = self.objective = decoder
         if self.scst:
             model = self.objective = SelfCritical(decoder, self._train_reward(), self.word_map, config['scst_samples'],
-                                 config['scst_baseline'], config['scst_max_len'], config['scst_dropout'])
+                                 config['scst_baseline'], config['scst_max_len'], config['scst_dropout'],
+                                 config['scst_end_token'], config['min_len'])
 
         # What the training step calls: DDP wrappers in distributed runs (around the whole objective for
         # scst), a compiled encoder on request
@@ -484,7 +498,8 @@ class Trainer(Objective, Validation, RunFolder):
         config, state = self.config, self.state
         if self.scst:
             what = (f"self-critical training ({config['scst_samples']} samples per image, {config['scst_baseline']} "
-                    f"baseline, CIDEr-D reward{', dropout on' if config['scst_dropout'] else ''})")
+                    f"baseline, {'end-aware ' if config['scst_end_token'] else ''}CIDEr-D reward"
+                    f"{', dropout on' if config['scst_dropout'] else ''})")
             per_step = f"{self.images_per_batch} images x {config['scst_samples']} samples per step"
         else:
             what, per_step = 'training', f'{self.images_per_batch * self.cpi} captions per step'

@@ -28,7 +28,7 @@ CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ense
 BEAM_SIZE = 3                              # 1 = greedy
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
-MIN_LEN = 0                                # at least this many words
+MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
 BATCH_SIZE = 16                            # images per batch
@@ -103,6 +103,8 @@ def main(argv=None):
             rows.append({'image': path, 'caption': text.join_words(hyp['words'], tokenizer), 'score': round(hyp['score'], 4),
                          'finished': hyp['finished']})
             print(f"{path}: {rows[-1]['caption']}")
+            if not hyp['words']:
+                print(f'warning: {path}: empty caption: {caption.empty_reason(hyp)}', file=sys.stderr)
     for path, err in failures:
         print(f'warning: skipped {path}: {err}', file=sys.stderr)
     if not rows:

@@ -10,8 +10,11 @@ Each image is captioned once per beam size (the encoder runs once per image) and
 every raw reference sentence it has: BLEU-1..4 with nltk always; BLEU-1..4, METEOR, ROUGE-L and
 CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. Next to the scores, per beam
 size, the repetition and diversity of the captions (metrics.diversity_scores): the share that repeat
-a word trigram, the distinct words used, the share of distinct captions, the mean length. These are scores of
-generated captions, unlike the teacher-forced numbers some tutorials report. Captions and references
+a word trigram, the distinct words used, the share of distinct captions, the mean length; and the share
+of bad endings (metrics.bad_ending_rate: the caption's last word ends under 2% of its occurrences in
+the dataset's TRAIN references, read from the prepared TRAIN_REFS file or the Karpathy JSON's train
+split; left out for --coco-json, which has no TRAIN split). These are scores of generated captions,
+unlike the teacher-forced numbers some tutorials report. Captions and references
 are segmented with the checkpoint's tokenizer (text.py): for Chinese (jieba) BLEU, ROUGE-L and CIDEr
 are computed on jieba segments without the English PTB tokenizer, and METEOR (English-only) is left out.
 """
@@ -39,7 +42,7 @@ SPLIT = 'TEST'                             # TEST, VAL or TRAIN (Karpathy names 
 BEAM_SIZES = [3]                           # one row of results per beam size
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
-MIN_LEN = 0
+MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
 BATCH_SIZE = 32
@@ -116,6 +119,20 @@ def split_images(args):
     return paths[:n], refs[:n], split
 
 
+def train_references(args):
+    """-> (the TRAIN references of the evaluated dataset, one list per image, for the bad-ending
+    statistics; or None, why not)."""
+    if args.coco_json:
+        return None, 'a COCO caption file has no TRAIN split'
+    if args.karpathy_json:
+        refs = [r.raws for r in datasets.read_karpathy(args.karpathy_json, args.image_folder,
+                                                       allow_outside=args.allow_outside_paths) if r.split == 'TRAIN']
+    else:
+        name = args.data_name or utils.find_data_name(args.data_folder)
+        refs = utils.read_json(os.path.join(args.data_folder, f'TRAIN_REFS_{name}.json'), 'references file')
+    return (refs, '') if refs else (None, 'the dataset has no TRAIN references')
+
+
 def check_args(args):
     """Flags are range-checked before any work."""
     for key, low, why in (('batch_size', 1, 'at least 1'), ('max_len', 1, 'at least 1'), ('workers', 0, '0 or more'),
@@ -134,6 +151,7 @@ def main(argv=None):
     try:
         check_args(args)
         paths, refs, split = split_images(args)
+        train_refs, no_endings = train_references(args)
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
@@ -158,14 +176,23 @@ def main(argv=None):
     scored = [i for i, r in enumerate(results) if r is not None]
     gts = {i: refs[i] for i in scored}
     table, captions, note = [], [], ''
+    endings = metrics.ending_counts(train_refs, tokenizer) if train_refs else None
     for k in args.beam_sizes:
         res = {i: [text.join_words(results[i][k]['words'], tokenizer)] for i in scored}
         scores, note = metrics.score_captions(gts, res, coco={'auto': 'auto', 'coco': True, 'nltk': False}[args.metrics],
                                               tokenizer=tokenizer)
         table.append({'beam_size': k, 'metrics': scores,
-                      'diversity': metrics.diversity_scores([res[i][0] for i in scored], tokenizer)})
+                      'diversity': metrics.diversity_scores([res[i][0] for i in scored], tokenizer),
+                      'bad_endings': metrics.bad_ending_rate([res[i][0] for i in scored], endings, tokenizer)
+                      if endings else None})
         captions += [{'image': paths[i], 'beam_size': k, 'caption': res[i][0]} for i in scored]
+        empty = [i for i in scored if not results[i][k]['words']]
+        if empty:
+            print(f'warning: beam {k}: {len(empty)} empty caption(s), e.g. {paths[empty[0]]}: '
+                  f'{caption.empty_reason(results[empty[0]][k])}', file=sys.stderr)
     print_table(table)
+    if endings is None:
+        print(f'(bad endings not measured: {no_endings})')
     print(f'({note}; {len(scored)} images, {len(failures)} skipped; captioning took {seconds:.1f} s)')
     if args.out:
         try:
@@ -186,13 +213,16 @@ DIVERSITY_COLUMNS = (('repeated_trigrams', 'rep3', '.4f'), ('distinct_words', 'w
 
 def print_table(table):
     """One row per beam size: the scores, then repetition and diversity (rep3: share of captions that
-    repeat a word trigram; words: distinct words used; unique: distinct captions / images)."""
+    repeat a word trigram; words: distinct words used; unique: distinct captions / images) and, when
+    measured, badend: the share of captions with a bad ending (metrics.bad_ending_rate)."""
     keys = [k for k in metrics.COCO_KEYS if k in table[0]['metrics']]
+    endings = table[0].get('bad_endings') is not None
     print(f"{'beam':>4} " + ' '.join(f'{k:>8}' for k in keys) + ' |' +
-          ' '.join(f'{h:>7}' for _, h, _ in DIVERSITY_COLUMNS))
+          ' '.join(f'{h:>7}' for _, h, _ in DIVERSITY_COLUMNS) + (f" {'badend':>7}" if endings else ''))
     for row in table:
         print(f"{row['beam_size']:>4} " + ' '.join(f"{row['metrics'][k]:>8.4f}" for k in keys) + ' |' +
-              ' '.join(f"{row['diversity'][k]:>7{f}}" for k, _, f in DIVERSITY_COLUMNS))
+              ' '.join(f"{row['diversity'][k]:>7{f}}" for k, _, f in DIVERSITY_COLUMNS) +
+              (f" {row['bad_endings']:>7.4f}" if endings else ''))
 
 
 if __name__ == '__main__':

@@ -215,6 +215,8 @@ class Captioner:
                           'score': round(float(b['score']), 4), 'norm_score': round(float(b['norm_score']), 4)}
                          for b in beams],
                'attention': None}
+        if not words:   # the search emits a token at least; a GPT-2's can decode to no words: say why
+            out['note'] = f"empty caption: {caption.empty_reason({**hyp, 'words': words})}"
         alphas = hyp.get('alphas')
         if self.has_attention and alphas is not None:
             alphas = alphas[:len(hyp['tokens'])].float()          # one map per word (the <end> map is left out)

@@ -113,3 +113,22 @@ flickr8k-zoo: $(STAMP)
 	    --label-smoothing 0.1 --lr-patience 2 --early-stop 4 --out-dir $(ZOO_RUN) $(ZOO_FLAGS)
 	$(PY) 03_evaluate.py --checkpoint $(ZOO_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt --data-folder data/flickr8k \
 	    --split VAL --beam-sizes 3 --out $(ZOO_RUN)/val_metrics.json
+
+# The self-critical stage of a zoo row (end-aware CIDEr-D reward, the default of new runs: docs/zoo.md),
+# from that row's cross-entropy BEST (make flickr8k-zoo DECODER=...), scored on VAL at beam 3:
+#     make flickr8k-zoo-scst DECODER=transformer
+# and the transformer's two rows in one command (cross-entropy, then self-critical):
+#     make flickr8k-zoo-transformer
+ZOO_SCST_RUN = runs/zoo_$(DECODER)_scst
+
+.PHONY: flickr8k-zoo-scst flickr8k-zoo-transformer
+flickr8k-zoo-scst: $(STAMP)
+	$(PY) tools/export_checkpoint.py $(ZOO_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt $(ZOO_RUN)/xe_fp16.pt
+	$(PY) 01_train.py --objective scst --init-from $(ZOO_RUN)/xe_fp16.pt --data-folder data/flickr8k \
+	    --epochs $(FLICKR8K_SCST_EPOCHS) --workers 0 --val-beam-size 3 --out-dir $(ZOO_SCST_RUN)
+	$(PY) 03_evaluate.py --checkpoint $(ZOO_SCST_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt --data-folder data/flickr8k \
+	    --split VAL --beam-sizes 3 --out $(ZOO_SCST_RUN)/val_metrics.json
+
+flickr8k-zoo-transformer: $(STAMP)
+	$(MAKE) flickr8k-zoo DECODER=transformer
+	$(MAKE) flickr8k-zoo-scst DECODER=transformer

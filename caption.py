@@ -26,7 +26,7 @@ DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Fli
 
 @torch.inference_mode()
 def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_norm=0.0,
-                no_repeat_ngram_size=0, min_len=0, allow_unk=False):
+                no_repeat_ngram_size=0, min_len=1, allow_unk=False):
     """Beam search for a batch of images at once (images x beams in one batch), for any decoder of
     decoders.py (it only calls prepare / init_state / step / select / select_memory).
 
@@ -34,10 +34,11 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     <end> is set aside; an image is done once it has `beam_size` finished hypotheses. The best one
     by score / (length ** length_norm) is returned (length counts the words and <end>); when none
     finished within `max_len` words, the best unfinished one is. `min_len` forbids <end> before that
-    many words; `no_repeat_ngram_size` n forbids repeating any n-gram. <start> and <pad> are never
-    emitted, nor <unk> unless `allow_unk`. The tokens are the decoder's (decoder.special_tokens):
-    word ids, or for ClipCap with a pretrained GPT-2 its BPE tokens (lengths then count those);
-    decoder.words turns them into words.
+    many tokens (default 1: a caption of no words is never an answer, whatever the decoder);
+    `no_repeat_ngram_size` n forbids repeating any n-gram. <start> and <pad> are never emitted, nor
+    <unk> unless `allow_unk`. The tokens are the decoder's (decoder.special_tokens): word ids, or
+    for ClipCap with a pretrained GPT-2 its BPE tokens (lengths then count those); decoder.words
+    turns them into words.
 
     Returns one dict per image: 'tokens' (token ids, without <start>/<end>), 'score' (summed log
     probability), 'norm_score', 'finished' (bool), 'alphas' ([len(tokens) (+1 with <end>), P] float
@@ -143,14 +144,15 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
 
 def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=False, generator=None,
-                    uniforms=None, allow_unk=False, grad=False):
+                    uniforms=None, allow_unk=False, grad=False, min_len=1):
     """Draw `n` captions per image from the decoder's own distribution (multinomial sampling), or
     the greedy caption (`greedy`: the most likely word at each step), for any decoder of decoders.py
     (prepare / init_state / step / select / select_memory).
 
     encoder_out [B, g, g, C] or [B, P, C]. Row i * n + j is sample j of image i. <start>, <pad> and
-    (unless allow_unk) <unk> are never emitted: the step's distribution is renormalised without them.
-    A row stops at <end> or after max_len tokens. Sampling is by inverse CDF on uniform numbers,
+    (unless allow_unk) <unk> are never emitted, nor <end> before `min_len` tokens (default 1: no
+    caption of no words): the step's distribution is renormalised without them. A row stops at <end>
+    or after max_len tokens. Sampling is by inverse CDF on uniform numbers,
     [B * n, max_len] float64 in [0, 1): `uniforms` when given (so a caller can make draws that do
     not depend on how images are split into batches or processes), else drawn from `generator`
     (a CPU torch.Generator; None: the global one). Row r's token at step t uses uniforms[r, t].
@@ -161,10 +163,10 @@ def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=Fals
     autograd through the decoder when `grad`, so that a decoder in training mode is differentiated
     under the very dropout masks that drew the words)."""
     with torch.set_grad_enabled(grad):
-        return _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, uniforms, allow_unk)
+        return _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, uniforms, allow_unk, min_len)
 
 
-def _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, uniforms, allow_unk):
+def _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, uniforms, allow_unk, min_len):
     """sample_captions' loop, under the caller's grad mode."""
     B = encoder_out.size(0)
     enc = encoder_out.reshape(B, -1, encoder_out.size(-1))                    # [B, P, C]
@@ -173,6 +175,8 @@ def _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, unifo
     pad = word_map['<pad>']                                                   # filler after <end>
     banned = torch.zeros(V, device=device)
     banned[never] = float('-inf')
+    early = banned.clone()                                                    # ... and before min_len tokens
+    early[end] = float('-inf')
     if not greedy and uniforms is None:
         uniforms = torch.rand(N, max_len, generator=generator, dtype=torch.float64)
     if uniforms is not None:
@@ -191,7 +195,7 @@ def _sample(decoder, encoder_out, word_map, n, max_len, greedy, generator, unifo
     logprobs = torch.zeros(N, device=device)
     for t in range(max_len):
         logp, state, _ = decoder.step(prev, state, memory)                   # [r, V]
-        logp = F.log_softmax(logp.float() + banned, dim=1)                   # renormalised without banned ids
+        logp = F.log_softmax(logp.float() + (early if t < min_len else banned), dim=1)   # renormalised without them
         if greedy:
             tok = logp.argmax(dim=1)                                          # [r]
         else:
@@ -260,6 +264,16 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
                 results[i] = results[i] or {}
                 results[i][k] = hyp
     return results, failures
+
+
+def empty_reason(hyp):
+    """Why a captioned hypothesis (with 'words', see caption_paths) has no words; None when it has some."""
+    if hyp['words']:
+        return None
+    if not hyp['tokens']:
+        return 'the model ended it at once, and --min-len 0 allowed that'
+    return (f"its {len(hyp['tokens'])} token(s) decode to no words (e.g. a GPT-2 emitting only whitespace or "
+            'special pieces)')
 
 
 def checkpoint_paths(checkpoint_path):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import clipcap
+import transformer_decoder
 from decoder_base import Decoder, DecoderOutput, sort_captions, words_of  # noqa: F401 - words_of, for callers
 
 
@@ -346,6 +347,7 @@ DECODERS = {
     'dot_attention': DotAttentionDecoder,  # seed 001: scaled dot-product attention
     'show_tell': ShowTell,                 # seed 002: no attention, image as the first LSTM input
     'repeat_bilstm': RepeatBiLSTM,         # seed 004: non-autoregressive baseline
+    'transformer': transformer_decoder.TransformerDecoder,  # pre-norm Transformer over the grid (2019-)
     'clipcap': clipcap.ClipCap,            # seed 003: an image prefix for GPT-2 (clipcap.py; transformers
 }                                          # is imported only when one is built)
 

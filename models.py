@@ -332,7 +332,8 @@ def default_grid(name, image_size):
 # Training flags that set decoder hyper-parameters (None: the decoder's default)
 DECODER_SETTINGS = ('emb_dim', 'attention_dim', 'decoder_dim', 'num_layers', 'dropout', 'alpha_c',
                     'attention_relu', 'lm', 'mapping', 'prefix_length', 'clip_length', 'mapping_layers',
-                    'freeze_lm', 'lm_layers', 'lm_dim', 'lm_heads', 'lm_positions')
+                    'freeze_lm', 'lm_layers', 'lm_dim', 'lm_heads', 'lm_positions',
+                    'num_heads')
 
 
 def build_models(config, vocab_size, encoder_weights=None, data_limits=None, word_map=None):

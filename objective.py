@@ -12,8 +12,8 @@ import torch
 
 import text
 import utils
-from cider import CiderD
 from decoders import caption_loss
+from scst import reward_corpus
 
 
 class Objective:
@@ -21,15 +21,16 @@ class Objective:
     train_step, the optimisation step on either."""
 
     def _train_reward(self):
-        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py)."""
+        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py), each
+        ending with the word <end> when the reward is end-aware (scst.reward_corpus)."""
         start, tokenizer = time.time(), self.config['tokenizer']
         refs = [[text.tokenize(r, tokenizer) for r in image_refs] for image_refs in self.train_set.refs()]
         if len(refs) != self.train_set.num_images:
             raise ValueError(f'{self.train_set.refs_path}: references of {len(refs)} images, the TRAIN split has '
                              f'{self.train_set.num_images}: re-run 00_create_input_files.py')
-        reward = CiderD(refs)
-        self.log(f'self-critical reward: CIDEr-D against the references of {len(refs)} TRAIN images '
-                 f'({len(reward.ids)} n-grams, {time.time() - start:.1f} s)')
+        reward = reward_corpus(refs, self.config['scst_end_token'])
+        self.log(f"self-critical reward: {'end-aware ' if self.config['scst_end_token'] else ''}CIDEr-D against the "
+                 f"references of {len(refs)} TRAIN images ({len(reward.ids)} n-grams, {time.time() - start:.1f} s)")
         return reward
 
     def encode(self, encoder, x):

@@ -15,7 +15,7 @@ import utils
 from caption import beam_search
 from cider import CiderD
 from decoders import caption_loss
-from metrics import NltkBleu, diversity_scores
+from metrics import NltkBleu, bad_ending_rate, diversity_scores, ending_counts
 
 SELECT_KEYS = {'BLEU-4': 'bleu4', 'CIDEr': 'cider'}   # --select-by -> the VAL metric's key
 
@@ -53,7 +53,8 @@ class Validation:
                  f"loss {val['val_tf_loss']:.3f} top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam "
                  f"{self.config['val_beam_size']}) BLEU-4 {val['bleu4']:.4f}{best['bleu4']} "
                  f"CIDEr {val['cider']:.4f}{best['cider']}, {val['val_repeated_trigrams']:.1%} repeat a "
-                 f"trigram, {val['val_distinct_words']} words, {val['val_unique_captions']:.1%} unique")
+                 f"trigram, {val['val_distinct_words']} words, {val['val_unique_captions']:.1%} unique, "
+                 f"{val['val_bad_endings']:.1%} bad endings")
         for sample in val['samples'][:2]:
             self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
 
@@ -61,7 +62,8 @@ class Validation:
     def validate(self):
         """Teacher-forced loss/top-5 and, for model selection, BLEU-4 and CIDEr-D (df from the scored VAL
         references, as the COCO toolkit) of generated VAL captions (with their repetition and diversity,
-        metrics.diversity_scores, as val_* entries)."""
+        metrics.diversity_scores, and the share of bad endings, metrics.bad_ending_rate against the TRAIN
+        references, as val_* entries)."""
         decoder = self.ema.module if self.ema is not None else self.decoder
         self.encoder.eval()
         decoder.eval()
@@ -69,6 +71,8 @@ class Validation:
         cpi, device, tokenizer = self.cpi, self.device, self.config.get('tokenizer', 'words')
         if self.val_ref_tokens is None:
             self.val_ref_tokens = [[text.tokenize(r, tokenizer) for r in refs] for refs in self.val_refs]
+        if self.train_endings is None:
+            self.train_endings = ending_counts(self.train_set.refs(), tokenizer)
         tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
         res, gts, hyp_words, samples, i = {}, {}, [], [], 0
         for x, caps, caplens in tqdm(self.val_loader, desc='validating', unit='batch', leave=False,
@@ -81,7 +85,8 @@ class Validation:
             tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
             # runs from before the setting validated without it, and keep doing so when resumed
             for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size'],
-                                   no_repeat_ngram_size=self.config.get('val_no_repeat_ngram', 0)):
+                                   no_repeat_ngram_size=self.config.get('val_no_repeat_ngram', 0),
+                                   min_len=self.config['min_len']):
                 hyp_words.append(decoder.words(hyp['tokens'], rev))
                 res[i] = [' '.join(hyp_words[-1])]
                 gts[i] = self.val_refs[i]
@@ -90,6 +95,7 @@ class Validation:
                 i += 1
         bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
         diversity = diversity_scores([res[j][0] for j in sorted(res)], tokenizer)
+        diversity['bad_endings'] = bad_ending_rate([res[j][0] for j in sorted(res)], self.train_endings, tokenizer)
         cider = float(CiderD(self.val_ref_tokens[:i]).scores(range(i), hyp_words).mean())
         return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
                 'cider': cider, **{f'val_{k}': v for k, v in diversity.items()}, 'samples': samples}

@@ -45,7 +45,7 @@ def tiny_checkpoint(synth_data, tmp_path_factory):
 # Tiny sizes for every decoder in the registry (each takes the settings it has).
 TINY_DECODER = {'emb_dim': 4, 'attention_dim': 5, 'decoder_dim': 6, 'dropout': 0.0, 'max_len': 16,
                 'lm_dim': 8, 'lm_layers': 2, 'lm_heads': 2, 'prefix_length': 2, 'clip_length': 2,
-                'mapping_layers': 1, 'mapping_heads': 2}
+                'mapping_layers': 1, 'mapping_heads': 2, 'num_heads': 2}
 
 
 def tiny_decoder(name, vocab_size, encoder_dim, seed=0, **settings):

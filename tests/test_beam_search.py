@@ -46,10 +46,10 @@ def words_allowed(allow_unk=False):
     return [t for t in range(V) if t not in banned]
 
 
-def exhaustive(dec, enc, max_len, length_norm=0.0, allow_unk=False):
-    """Best finished caption (words then <end>, at most max_len tokens) by brute force."""
+def exhaustive(dec, enc, max_len, length_norm=0.0, allow_unk=False, min_len=1):
+    """Best finished caption (min_len words or more then <end>, at most max_len tokens) by brute force."""
     best = None
-    for n_words in range(max_len):
+    for n_words in range(min_len, max_len):
         for words in itertools.product(words_allowed(allow_unk), repeat=n_words):
             seq = list(words) + [END]
             score = sequence_logprob(dec, enc, seq)
@@ -82,7 +82,7 @@ def test_greedy_is_argmax_decoding(name):
         state = dec.init_state(memory, 1)
         for _ in range(20):
             logp, state, _ = dec.step(torch.tensor([prev]), state, memory)
-            allowed = words_allowed() + [END]
+            allowed = words_allowed() + ([END] if tokens else [])    # at least one word (min_len 1)
             prev = allowed[int(logp[0, allowed].argmax())]
             if prev == END:
                 break
@@ -136,3 +136,16 @@ def test_min_len_and_no_repeat_ngram(name):
                                allow_unk=True):
             grams = [tuple(hyp['tokens'][i:i + n]) for i in range(len(hyp['tokens']) - n + 1)]
             assert len(grams) == len(set(grams))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_a_caption_has_a_word_by_default_even_when_the_model_would_end_at_once(name):
+    """<end> first by far (as a ClipCap whose first token is end-of-text): the search and the sampler
+    still give every caption a word unless min_len 0 asks for the model's own choice."""
+    from caption import sample_captions
+    dec, enc = decoder(9, end_bias=100.0, name=name), features(3, 9)
+    assert all(h['tokens'] == [] and h['finished'] for h in beam_search(dec, enc, WORD_MAP, min_len=0))
+    for k in (1, 3):
+        assert all(len(h['tokens']) == 1 and h['finished'] for h in beam_search(dec, enc, WORD_MAP, beam_size=k))
+    tokens, lengths, _ = sample_captions(dec, enc, WORD_MAP, n=2, max_len=5, generator=torch.Generator().manual_seed(0))
+    assert lengths.tolist() == [2] * 6 and (tokens[:, 1] == END).all() and (tokens[:, 0] != END).all()

@@ -123,6 +123,8 @@ def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
                           '--out', str(a)]) == 0
     assert evaluate.main([*common, '--data-folder', folder, '--split', 'TEST', '--out', str(b)]) == 0
     ra, rb = json.load(open(a)), json.load(open(b))
+    assert all(r.pop('bad_endings') is None for r in ra['results'])     # a COCO file has no TRAIN split to judge
+    assert all(0 <= r.pop('bad_endings') <= 1 for r in rb['results'])    # against the prepared TRAIN references
     assert ra['num_images'] == len(paths) and ra['results'] == rb['results']
     # references matter: with the first reference only, the scores differ
     coco.write_text(json.dumps({'images': images, 'annotations': [x for x in anns if x['id'] == 0]}))

@@ -173,6 +173,28 @@ def test_search_uses_the_lm_tokens_and_decodes_them_to_words(lm_folder):
         caption.beam_search(dec, feats, WORD_MAP, beam_size=1, max_len=200, min_len=200)
 
 
+def test_a_gpt2_whose_first_token_is_end_of_text_still_captions(lm_folder):
+    """End-of-text is GPT-2's start token too, and a barely trained ClipCap emits it first: the search
+    needs one token by default, and a caption that is still empty says why."""
+    dec, tok = pretrained(lm_folder), gpt2_tokenizer()
+    eos = tok.eos_token_id
+    head = torch.nn.Linear(dec.gpt.config.n_embd, dec.gpt.config.vocab_size)
+    head.weight = dec.gpt.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()[eos] = 100.0                                     # end-of-text first, by far
+    dec.gpt.lm_head = head
+    feats = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(3))
+    rev = {v: k for k, v in WORD_MAP.items()}
+    assert [h['tokens'] for h in caption.beam_search(dec, feats, WORD_MAP, min_len=0)] == [[], []]
+    for hyp in caption.beam_search(dec, feats, WORD_MAP, beam_size=3, max_len=6):
+        assert len(hyp['tokens']) == 1 and hyp['tokens'][0] != eos and hyp['finished']
+        hyp['words'] = dec.words(hyp['tokens'], rev)
+        assert (caption.empty_reason(hyp) is None) == bool(hyp['words'])
+    assert 'min-len 0' in caption.empty_reason({'tokens': [], 'words': []})
+    space = tok.encode(' ')
+    assert dec.words(space, rev) == [] and 'decode to no words' in caption.empty_reason({'tokens': space, 'words': []})
+
+
 def test_pretrained_lm_refuses_captions_without_spaces(lm_folder):
     dec = pretrained(lm_folder)
     with pytest.raises(ValueError, match='use --lm scratch'):

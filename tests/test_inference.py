@@ -84,8 +84,10 @@ def test_evaluate_from_prepared_files_writes_the_table(tiny_checkpoint, synth_da
         captions = [c['caption'] for c in report['captions'] if c['beam_size'] == r['beam_size']]
         assert r['diversity'] == metrics.diversity_scores(captions)
         assert 1 <= r['diversity']['distinct_words'] and 1 / 6 <= r['diversity']['unique_captions'] <= 1
+        endings = metrics.ending_counts(json.load(open(os.path.join(folder, f'TRAIN_REFS_{name}.json'))))
+        assert r['bad_endings'] == metrics.bad_ending_rate(captions, endings)   # against the TRAIN references
     table = capsys.readouterr().out
-    assert 'Bleu_4' in table and '\n   3 ' in table and 'rep3' in table and 'unique' in table
+    assert 'Bleu_4' in table and '\n   3 ' in table and 'rep3' in table and 'unique' in table and 'badend' in table
 
 
 def test_decoding_repeats_no_trigram_by_default_and_the_flag_switches_it_off(tiny_checkpoint, synth_data, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
 import metrics
+from utils import tokenize
 
 
 def test_worked_example_modified_precisions():
@@ -91,3 +92,30 @@ def test_ngram_repetition_edges():
     assert metrics.repeated_ngram_rate([]) == 0.0 and metrics.unique_share([]) == 0.0
     zh = metrics.diversity_scores(['一只狗在草地上跑', '一只狗在草地上跑'], tokenizer='chars')
     assert (zh['distinct_words'], zh['unique_captions'], zh['mean_length']) == (8, 0.5, 8)
+
+
+# Written for the test: in these TRAIN references 'red' occurs 50 times and ends 1 reference (2.0%:
+# not a bad ending at the 2% threshold), 'white' occurs 51 times and ends 1 (1.96%: bad), 'grass' ends
+# every reference it is in, 'a' and 'dog' end none.
+ENDING_REFS = [['a red grass'] * 49 + ['the dog is red'], ['white grass'] * 50 + ['a dog in white']]
+
+
+def test_bad_endings_are_last_words_that_rarely_end_a_train_reference():
+    endings = metrics.ending_counts(ENDING_REFS)
+    assert endings['red'] == (1, 50) and endings['white'] == (1, 51) and endings['grass'] == (99, 99)
+    assert endings['a'] == (0, 50) and endings['dog'] == (0, 2)
+    assert metrics.BAD_ENDING_SHARE == 0.02
+    captions = ['a dog on the grass', 'the dog is red', 'a dog in white', 'a dog in a', '', 'a zebra', 'The GRASS.']
+    bad = [metrics.bad_ending(tokenize(c), endings) for c in captions]
+    assert bad == [False, False, True, True, True, True, False]       # '' has no ending; 'zebra' ends no reference
+    assert metrics.bad_ending_rate(captions, endings) == pytest.approx(4 / 7)
+    assert metrics.bad_ending_rate(captions, endings, threshold=0.01) == pytest.approx(3 / 7)   # 'white' passes
+    assert metrics.bad_ending_rate([], endings) == 0.0
+
+
+def test_bad_endings_in_chinese_use_the_tokenizer():
+    refs = [['一只狗在草地上跑', '狗在跑'], ['两个人在草地上']]                      # chars: '跑' ends 2 of 2, '上' 1 of 2
+    endings = metrics.ending_counts(refs, tokenizer='chars')
+    assert endings['跑'] == (2, 2) and endings['上'] == (1, 2) and endings['在'] == (0, 3)
+    captions = ['一只狗在跑', '一只狗在', '两个人在草地上']
+    assert metrics.bad_ending_rate(captions, endings, tokenizer='chars') == pytest.approx(1 / 3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import decoders
+import scst
 from caption import beam_search, sample_captions
 from cider import Cider, CiderD
 from conftest import script, tiny_decoder
@@ -85,7 +86,9 @@ def test_sampling_is_reproducible_and_rescoring_gives_its_log_probabilities(name
     sc = SelfCritical(dec, CiderD([[VOCAB[:3]]] * 3), WORD_MAP, samples=4, max_len=12)
     start = torch.full((12, 1), WORD_MAP['<start>'])
     out = dec(feats, torch.cat([start, t], 1), lengths + 1, torch.arange(3).repeat_interleave(4))
-    lp = out.scores.index_fill(1, torch.tensor(sc.banned), float('-inf')).log_softmax(1)
+    scores = out.scores.index_fill(1, torch.tensor(sc.banned), float('-inf'))
+    scores[:12, end] = float('-inf')                       # the first step of each caption (min_len 1): no <end>
+    lp = scores.log_softmax(1)
     lp = lp.gather(1, out.targets[:, None])[:, 0]
     dl = torch.tensor(out.decode_lengths)
     per_caption = torch.zeros(12).index_add(0, (torch.arange(int(dl[0]))[:, None] < dl[None]).nonzero()[:, 1], lp)
@@ -144,7 +147,7 @@ def test_sampling_with_dropout_differentiates_the_masks_that_drew_the_words():
     assert loss.item() == pytest.approx(-(advantage * lp).sum().item() / 12, abs=1e-6)
 
 
-@pytest.mark.parametrize('name', ['sat', 'show_tell'])
+@pytest.mark.parametrize('name', ['sat', 'show_tell', 'transformer'])
 def test_greedy_sampling_of_a_batch_equals_one_image_at_a_time_and_beam_1(name):
     dec = tiny_decoder(name, len(WORD_MAP), 7)
     feats = torch.randn(4, 2, 2, 7, generator=torch.Generator().manual_seed(2))
@@ -155,6 +158,70 @@ def test_greedy_sampling_of_a_batch_equals_one_image_at_a_time_and_beam_1(name):
             assert lengths[r] == one_len[0] and torch.equal(t[r, :lengths[r]], one[0, :one_len[0]])
         hyp = beam_search(dec, feats[i:i + 1], WORD_MAP, beam_size=1, max_len=10)[0]
         assert t[2 * i, :lengths[2 * i]].tolist() == hyp['tokens'] + ([WORD_MAP['<end>']] if hyp['finished'] else [])
+
+
+def rows_of(captions, word_map, ended):
+    """Sentences -> (tokens [N, T] with <end> after the words of the rows that `ended`, lengths [N])."""
+    ids = [[word_map[w] for w in c.split()] + ([word_map['<end>']] if e else []) for c, e in zip(captions, ended)]
+    T = max(len(r) for r in ids)
+    tokens = torch.tensor([r + [word_map['<pad>']] * (T - len(r)) for r in ids])
+    return tokens, torch.tensor([len(r) for r in ids])
+
+
+def test_end_aware_reward_equals_pycocoevalcap_with_end_tokens():
+    """The end-aware reward (scst.reward_corpus + SelfCritical.score) is the COCO toolkit's CIDEr-D of
+    references and candidates that carry the end token as a word; a sample cut by max_len carries none."""
+    from pycocoevalcap.cider.cider import Cider as CocoCider
+    gts, res = _fixture(2, images=12)
+    res[4] = ['dog dog']                                                        # words of the word map only
+    dec = tiny_decoder('sat', len(WORD_MAP), 7)
+    corpus = scst.reward_corpus([[s.split() for s in gts[i]] for i in gts], end_token=True)
+    sc = SelfCritical(dec, corpus, WORD_MAP, samples=2, end_token=True)
+    images = list(range(12)) * 2
+    cands = [res[i][0] for i in range(12)] + [' '.join(VOCAB[i:i + 5]) for i in range(12)]
+    ended = [True] * 12 + [i % 3 != 0 for i in range(12)]                       # some samples cut short
+    tokens, lengths = rows_of(cands, WORD_MAP, ended)
+    ours = sc.score(torch.tensor(images), tokens, lengths).numpy()
+    gts_end = {i: [s + ' <end>' for s in gts[i]] for i in gts}
+    base = {i: ['<end>'] for i in gts}
+    for c, (i, cand, e) in enumerate(zip(images, cands, ended)):
+        _, theirs = CocoCider().compute_score(gts_end, {**base, i: [(cand + ' <end>' if e else cand).strip()]})
+        assert ours[c] == pytest.approx(theirs[i], abs=1e-6)
+    plain = SelfCritical(dec, scst.reward_corpus([[s.split() for s in gts[i]] for i in gts], False), WORD_MAP, samples=2)
+    assert not np.allclose(plain.score(torch.tensor(images), tokens, lengths).numpy(), ours)
+    with pytest.raises(ValueError, match='end-aware reward needs references that end with <end>'):
+        SelfCritical(dec, plain.reward, WORD_MAP, samples=2, end_token=True)
+    with pytest.raises(ValueError, match='do not end with <end>'):
+        SelfCritical(dec, corpus, WORD_MAP, samples=2, end_token=False)
+
+
+# Written for the test: four ways to finish "a man in a red", and other images sharing the words.
+TRUNCATION_REFS = [['a man in a red shirt', 'a man in a red jacket', 'a man in a red hat', 'a man in a red coat'],
+                   ['a dog runs on the grass', 'a brown dog runs on the grass'],
+                   ['two girls in a red hat', 'two girls play'], ['a boy in a red coat', 'a boy jumps']]
+
+
+def test_the_end_aware_reward_no_longer_rewards_a_truncated_caption():
+    """On this tiny set the old reward scores "a man in a red" above every finished caption that the
+    references hold, so self-critical training gains by cutting captions short; counting <end> as a
+    word turns that around, and the truncated sample's advantage over the mean baseline turns negative."""
+    words = sorted({w for refs in TRUNCATION_REFS for r in refs for w in r.split()})
+    word_map = {'<pad>': 0, **{w: i + 1 for i, w in enumerate(words)}}
+    word_map.update({'<unk>': len(word_map), '<start>': len(word_map) + 1, '<end>': len(word_map) + 2})
+    dec = tiny_decoder('sat', len(word_map), 4)
+    samples = ['a man in a red', 'a man in a red shirt', 'a man in a red jacket', 'a man in a red coat']
+    tokens, lengths = rows_of(samples, word_map, [True] * 4)
+    refs = [[r.split() for r in image_refs] for image_refs in TRUNCATION_REFS]
+    advantages = {}
+    for end_token in (False, True):
+        sc = SelfCritical(dec, scst.reward_corpus(refs, end_token), word_map, samples=4, end_token=end_token)
+        r = sc.score(torch.zeros(4, dtype=torch.long), tokens, lengths)
+        advantages[end_token] = (r[0] - r[1:].mean()).item()
+        if end_token:
+            assert r[0] < r[1:].min()
+        else:
+            assert r[0] > r[1:].max()
+    assert advantages[False] > 0 > advantages[True]
 
 
 REFS = [['a red ball', 'a red ball on the grass', 'one red ball'],

@@ -36,8 +36,10 @@ def test_run_writes_checkpoints_and_logs(synth_data, tiny_checkpoint):
     assert ckpt['config']['data_name'] == name and ckpt['epoch'] == 1 and ckpt['images_done'] == 0
     record = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).readline())
     for key in ('train_loss', 'val_tf_loss', 'val_tf_top5', 'bleu4', 'captions_per_s', 'lr', 'val_repeated_trigrams',
-                'val_distinct_words', 'val_unique_captions', 'val_mean_length'):
+                'val_distinct_words', 'val_unique_captions', 'val_mean_length', 'val_bad_endings'):
         assert key in record
+    assert 0 <= record['val_bad_endings'] <= 1 and (ckpt['config']['min_len'], ckpt['config']['scst_end_token']) == \
+        (1, True)   # the defaults of new runs
     assert 1 / 6 <= record['val_unique_captions'] <= 1
     assert ckpt['config']['val_no_repeat_ngram'] == 3 and record['val_repeated_trigrams'] == 0   # the default
     assert record['best_bleu4'] == ckpt['best_score'] == record['bleu4']
@@ -72,18 +74,20 @@ def test_resume_refuses_changed_settings(synth_data, tiny_checkpoint):
 
 
 def test_resuming_a_run_older_than_a_setting_keeps_what_it_did(synth_data, tiny_checkpoint, tmp_path):
-    """A run saved before --select-by and --val-no-repeat-ngram existed resumes as it ran (BLEU-4, no
-    constraint on its VAL captions), not with today's defaults."""
+    """A run saved before --select-by, --val-no-repeat-ngram, --min-len and --scst-end-token existed
+    resumes as it ran (BLEU-4, no constraint on its VAL captions, empty ones allowed, the reward without
+    the end token), not with today's defaults."""
     _, name = synth_data
     ckpt = torch.load(os.path.join(os.path.dirname(tiny_checkpoint), f'checkpoint_{name}.pt'), weights_only=True)
-    for key in ('select_by', 'val_no_repeat_ngram'):
+    for key in ('select_by', 'val_no_repeat_ngram', 'min_len', 'scst_end_token'):
         del ckpt['config'][key]
     old = tmp_path / 'old' / f'checkpoint_{name}.pt'
     old.parent.mkdir()
     checkpoint.save_checkpoint(old, ckpt)
     assert train.main(['--resume', str(old), '--epochs', '2']) == 0
     config = torch.load(old, weights_only=True)['config']
-    assert (config['select_by'], config['val_no_repeat_ngram']) == ('BLEU-4', 0)
+    assert (config['select_by'], config['val_no_repeat_ngram'], config['min_len'], config['scst_end_token']) == \
+        ('BLEU-4', 0, 0, False)
 
 
 def test_cached_features_train_like_images(synth_data, tmp_path):
@@ -178,7 +182,8 @@ def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path)
                        '--workers', '0', '--out-dir', str(tmp_path / 'again')]) == 0
 
 
-@pytest.mark.parametrize('name', ['dot_attention', 'show_tell', 'repeat_bilstm', 'clipcap'])
+@pytest.mark.parametrize('name', ['dot_attention', 'show_tell', 'repeat_bilstm', 'clipcap',
+                                  'transformer'])
 def test_every_decoder_trains_resumes_and_is_read_from_its_checkpoint(name, synth_data, tmp_path, capsys):
     """01_train.py --decoder NAME: a stopped and resumed run reproduces the losses; 02 and 03 take the
     decoder from the checkpoint (format 2), and --visualize says when there is no attention."""
