@@ -118,10 +118,12 @@ def save_tutorial_checkpoint(path, tut, encoder, decoder, legacy=False, extra=No
                              fine_tuned=False):
     """torch.save of the tutorial's checkpoint dict (train.py's save_checkpoint), optimizers included;
     `extra` entries are added to the dict (e.g. a look-alike's payload)."""
-    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=0.0)
     decoder.zero_grad()
-    decoder.fc.bias.sum().backward()          # one step, so the optimizer holds state tensors
-    decoder_optimizer.step()
+    decoder.fc.bias.sum().backward()          # one step, so the optimizer holds state tensors (at lr 0: the
+    decoder_optimizer.step()                  # weights stay as they are)
+    decoder.zero_grad(set_to_none=True)
+    decoder_optimizer.param_groups[0]['lr'] = 4e-4
     encoder_optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-4) if fine_tuned else None
     state = {'epoch': epoch, 'epochs_since_improvement': 0, 'bleu-4': bleu4, 'encoder': encoder,
              'decoder': decoder, 'encoder_optimizer': encoder_optimizer, 'decoder_optimizer': decoder_optimizer,
