@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import caption
 import checkpoint
+import pickled_modules
 import tutorial_import
 from conftest import REPO, script
 from tutorial_format import save_tutorial_checkpoint, tutorial_models, tutorial_pair
@@ -162,7 +163,7 @@ def test_torch_0_4_era_pickle_converts(tutorial, tool, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         save_tutorial_checkpoint(path, tut, encoder, decoder, legacy=True, bleu4=np.float64(0.2429))
-    assert 'torch.nn.backends.thnn._get_thnn_function_backend' in tutorial_import.checkpoint_globals(path)
+    assert 'torch.nn.backends.thnn._get_thnn_function_backend' in pickled_modules.checkpoint_globals(path)
     assert tool.main([path, tutorial['wm_path'], str(tmp_path / 'out.pt')]) == 0
     ckpt = checkpoint.load(str(tmp_path / 'out.pt'))
     assert type(ckpt['best_score']) is float and ckpt['best_score'] == 0.2429
@@ -246,3 +247,13 @@ def test_captions_equal_the_tutorials_beam_search(tutorial, tmp_path):
     rev = {v: k for k, v in word_map.items()}
     assert [[rev[t] for t in h['tokens']] for h in ours] == [[rev[t] for t in seq] for seq in theirs]
     assert len(paths) == 5 and all(h['finished'] and len(h['tokens']) > 3 for h in ours)
+
+
+def test_the_provided_models_say_what_they_know(tmp_path):
+    """02 prints caption.PROVIDED_NOTE and the page shows it (GET /healthz 'note') for the provided
+    Flickr8k checkpoints only (tests/test_serve_browser.py checks the page)."""
+    assert 'Flickr8k' in caption.provided_note(caption.DEFAULT_CHECKPOINTS) and 'COCO' in caption.PROVIDED_NOTE
+    assert caption.provided_note(caption.PROVIDED_CHECKPOINT) == caption.PROVIDED_NOTE
+    elsewhere = str(tmp_path / os.path.basename(caption.PROVIDED_CHECKPOINT))   # a user's file of the same name
+    assert caption.provided_note(elsewhere) is None
+    assert caption.provided_note([caption.PROVIDED_CHECKPOINT, elsewhere]) is None
