@@ -257,3 +257,19 @@ def test_the_provided_models_say_what_they_know(tmp_path):
     elsewhere = str(tmp_path / os.path.basename(caption.PROVIDED_CHECKPOINT))   # a user's file of the same name
     assert caption.provided_note(elsewhere) is None
     assert caption.provided_note([caption.PROVIDED_CHECKPOINT, elsewhere]) is None
+
+
+def test_the_server_takes_a_tutorial_file_with_its_word_map(tutorial):
+    pytest.importorskip('fastapi')
+    pytest.importorskip('python_multipart')
+    if not (importlib.util.find_spec('httpx2') or importlib.util.find_spec('httpx')):
+        pytest.skip("FastAPI's test client needs httpx2 (pip install -r requirements-dev.txt)")
+    from fastapi.testclient import TestClient
+    app = script('04_serve').create_app([tutorial['files']['legacy']], word_map=tutorial['wm_path'], max_len=8)
+    with TestClient(app) as client:
+        health = client.get('/healthz').json()
+        with open(os.path.join(REPO, 'assets', 'samples', 'coffee.jpg'), 'rb') as f:
+            body = client.post('/api/caption', files={'image': ('coffee.jpg', f.read())}).json()
+    assert health['note'] is None and health['checkpoint'] == 'BEST_checkpoint_legacy.pth.tar'
+    assert body['words'] and set(body['words']) <= set(WORDS) | {'<unk>'}
+    assert body['attention']['grid'] == 14

@@ -9,7 +9,7 @@ which pickles whole modules) and its word map into a checkpoint of this suite, w
 (--checkpoint X.pth.tar --word-map WORDMAP.json) and convert it in memory on every start.
 How the file is read (both torch file formats; the tutorial's classes, torch.nn modules and
 optimizers become inert holders of their weights; anything else is refused) and what the result
-holds: tutorial_import.py, and docs/tutorial-checkpoints.md.
+holds: pickled_modules.py, tutorial_import.py and docs/tutorial-checkpoints.md.
 """
 import argparse
 import os
