@@ -184,7 +184,8 @@ class Captioner:
         import utils
         self.torch = torch
         self.device = utils.get_device(device)
-        self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device, word_map)
+        self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device,
+                                                                                        word_map)
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
         self.transform = datasets.image_transform(self.encoder)
         self.has_attention = getattr(self.decoder, 'has_attention', True)

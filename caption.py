@@ -19,7 +19,7 @@ PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientn
 PROVIDED_LITE2 = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')       # shipped
 # The default of 02, 03, 04: both, as an ensemble (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
 DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]
-# What the provided models know, said once by 02 and shown by the page when they are in use
+# What the provided models know: 02 prints it and the page shows it when they are in use
 PROVIDED_NOTE = ('the provided checkpoints learned from Flickr8k, which shows people, dogs and outdoor scenes only '
                  '(the bundled cat photo becomes "a man is playing with a toy"); for everyday photos use a COCO '
                  "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "

