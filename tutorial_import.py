@@ -32,6 +32,7 @@ RESNET_CHILDREN = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 
 TUTORIAL_SETTINGS = {'alpha_c': 1.0, 'grad_clip': 5.0, 'batch_size': 32, 'decoder_lr': 4e-4, 'encoder_lr': 1e-4,
                      'select_by': 'BLEU-4'}
 
+
 def read_tutorial_file(path):
     """A tutorial checkpoint file -> its top-level dict, modules and optimizers as Holders
     (pickled_modules.read: no code runs), or ValueError with one line naming the file."""
@@ -59,8 +60,10 @@ def holder_state(holder, where, prefix='', seen=None):
     """A module Holder -> {name: tensor} as nn.Module.state_dict() names them (parameters, persistent
     buffers, submodules), or ValueError naming what is not a module's content."""
     seen = set() if seen is None else seen
-    if not isinstance(holder, Holder) or id(holder) in seen:
+    if not isinstance(holder, Holder):
         raise ValueError(f'{where}: {prefix or "the module"} is not a module of the tutorial or torch.nn')
+    if id(holder) in seen:
+        raise ValueError(f'{where}: module {prefix} appears twice in the tree (shared or cyclic)')
     seen.add(id(holder))
     attrs = vars(holder)
     skip = attrs.get('_non_persistent_buffers_set') or set()
@@ -74,7 +77,7 @@ def holder_state(holder, where, prefix='', seen=None):
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f'{where}: {prefix}{name} is not a tensor')
-            state[prefix + str(name)] = value.detach().clone() if isinstance(value, torch.nn.Parameter) else value
+            state[prefix + str(name)] = value.detach()        # a plain tensor (a Parameter's data, shared)
     modules = attrs.get('_modules') or {}
     if not isinstance(modules, dict):
         raise ValueError(f'{where}: {prefix}_modules is not a dict')
@@ -218,7 +221,10 @@ def load_checkpoint(path, word_map_path=None):
         if not looks_like_tutorial(path):
             raise
     folder = os.path.dirname(path) or '.'
-    found = sorted(f for f in os.listdir(folder) if f.startswith('WORDMAP_') and f.endswith('.json'))
+    try:
+        found = sorted(f for f in os.listdir(folder) if f.startswith('WORDMAP_') and f.endswith('.json'))
+    except OSError:
+        found = []
     word_map = os.path.join(folder, found[0]) if len(found) == 1 else 'WORDMAP_....json'
     raise ValueError(f"{path}: a checkpoint of the tutorial ({TUTORIAL}): add --word-map {word_map} (the word "
                      f'map it was trained with) to convert it as it loads, or convert it once: python '
