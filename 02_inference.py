@@ -25,6 +25,7 @@ from datasets import list_images, load_image
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 IMG = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # an image file or a folder of images
 CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
+WORD_MAP = None                            # the tutorial's WORDMAP_*.json when CHECKPOINT is its .pth.tar
 BEAM_SIZE = 3                              # 1 = greedy
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
                    help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
                         'must share the word map) (default: %(default)s)')
+    p.add_argument('--word-map', default=WORD_MAP,
+                   help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
+                        'the file is converted as it loads (docs/tutorial-checkpoints.md)')
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='(default: %(default)s)')
     p.add_argument('--length-norm', type=float, default=LENGTH_NORM,
                    help='length normalisation exponent (default: %(default)s)')
@@ -85,11 +89,13 @@ def main(argv=None):
         if not paths:
             raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
         device = utils.get_device(args.device)
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
+    if caption.provided_note(args.checkpoint):
+        print(f'note: {caption.provided_note(args.checkpoint)}', file=sys.stderr)
     start = time.time()
     results, failures = caption.caption_paths(
         encoder, decoder, word_map, paths, (args.beam_size,), args.batch_size, args.workers, device,

@@ -32,6 +32,7 @@ import utils
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the model to score (several paths: their ensemble)
+WORD_MAP = None                            # the tutorial's WORDMAP_*.json when CHECKPOINT is its .pth.tar
 DATA_FOLDER = 'data'                       # prepared files (00_create_input_files.py) ...
 DATA_NAME = ''                             # ... their base name ('' = the only one in DATA_FOLDER)
 KARPATHY_JSON = ''                         # or straight from a Karpathy split JSON ...
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
                    help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
                         'must share the word map) (default: %(default)s)')
+    p.add_argument('--word-map', default=WORD_MAP,
+                   help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
+                        'the file is converted as it loads (docs/tutorial-checkpoints.md)')
     p.add_argument('--data-folder', default=DATA_FOLDER, help='prepared files (default: %(default)s)')
     p.add_argument('--data-name', default=DATA_NAME, help="their base name ('' = the only one)")
     p.add_argument('--karpathy-json', default=KARPATHY_JSON, help='evaluate from a Karpathy split JSON instead')
@@ -125,7 +129,7 @@ def train_references(args):
     if args.coco_json:
         return None, 'a COCO caption file has no TRAIN split'
     if args.karpathy_json:
-        refs = [r.raws for r in datasets.read_karpathy(args.karpathy_json, args.image_folder,
+        refs = [r.raws for r in formats.read_karpathy(args.karpathy_json, args.image_folder,
                                                        allow_outside=args.allow_outside_paths) if r.split == 'TRAIN']
     else:
         name = args.data_name or utils.find_data_name(args.data_folder)
@@ -153,7 +157,7 @@ def main(argv=None):
         paths, refs, split = split_images(args)
         train_refs, no_endings = train_references(args)
         device = utils.get_device(args.device)
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':

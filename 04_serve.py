@@ -35,6 +35,7 @@ import caption
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
+WORD_MAP = None                            # the tutorial's WORDMAP_*.json when CHECKPOINT is its .pth.tar
 HOST = '127.0.0.1'                         # 0.0.0.0 to accept other machines (there is no authentication)
 PORT = 8000
 MAX_UPLOAD_MB = 20                         # request bodies above this many MiB are refused with 413
@@ -176,14 +177,15 @@ class Batcher:
 class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
-    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM):
+    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM, word_map=WORD_MAP):
         import torch
 
         import datasets
         import utils
         self.torch = torch
         self.device = utils.get_device(device)
-        self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device)
+        self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device,
+                                                                                        word_map)
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
         self.transform = datasets.image_transform(self.encoder)
         self.has_attention = getattr(self.decoder, 'has_attention', True)
@@ -292,7 +294,8 @@ class _Guard:
 def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_beam_size=MAX_BEAM_SIZE,
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
-               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM):
+               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM,
+               word_map=WORD_MAP):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -309,7 +312,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
         raise ValueError(f'--beam-size must be between 1 and --max-beam-size ({max_beam_size}), got {beam_size}')
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
-    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram)
+    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map)
     batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
@@ -373,7 +376,8 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
         return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True),
                 'device': str(captioner.device),
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
-                'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches}
+                'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches,
+                'note': caption.provided_note(checkpoint)}   # what the provided models know, or None
 
     @app.get('/api/samples', summary='Names of the bundled sample photos (served under /samples/)')
     async def list_samples():
@@ -411,6 +415,9 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
                    help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
                         'must share the word map) (default: %(default)s)')
+    p.add_argument('--word-map', default=WORD_MAP,
+                   help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
+                        'the file is converted as it loads (docs/tutorial-checkpoints.md)')
     p.add_argument('--host', default=HOST, help='(default: %(default)s)')
     p.add_argument('--port', type=int, default=PORT, help='(default: %(default)s)')
     p.add_argument('--max-upload-mb', type=float, default=MAX_UPLOAD_MB, help='(default: %(default)s)')
@@ -442,7 +449,7 @@ def main(argv=None):
         app = create_app(args.checkpoint, args.device, args.beam_size, args.max_beam_size, args.max_upload_mb,
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
                          args.length_norm, args.samples, decode_workers=args.decode_workers,
-                         no_repeat_ngram=args.no_repeat_ngram)
+                         no_repeat_ngram=args.no_repeat_ngram, word_map=args.word_map)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -19,6 +19,11 @@ PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientn
 PROVIDED_LITE2 = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')       # shipped
 # The default of 02, 03, 04: both, as an ensemble (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
 DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]
+# What the provided models know: 02 prints it and the page shows it when they are in use
+PROVIDED_NOTE = ('the provided checkpoints learned from Flickr8k, which shows people, dogs and outdoor scenes only '
+                 '(the bundled cat photo becomes "a man is playing with a toy"); for everyday photos use a COCO '
+                 "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "
+                 'GPT-2, or 01_train.py on COCO with a GPU')
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
 DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
                              # the default of 02, 03, 04 and training's validation; beam_search's own is 0
@@ -287,14 +292,27 @@ def checkpoint_label(checkpoint_path, basename=False):
     return ' + '.join(os.path.basename(p) if basename else os.fspath(p) for p in paths)
 
 
-def load_captioner(checkpoint_path, device):
+def provided_note(checkpoint_path):
+    """PROVIDED_NOTE when every checkpoint is one of the provided Flickr8k ones (checkpoints/flickr8k_*), else None."""
+    paths = checkpoint_paths(checkpoint_path)
+    provided = all(os.path.basename(p).startswith('flickr8k_') and
+                   os.path.dirname(os.path.abspath(p)) == os.path.join(REPO_DIR, 'checkpoints') for p in paths)
+    return PROVIDED_NOTE if provided else None
+
+
+def load_captioner(checkpoint_path, device, word_map=None):
     """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
-    file, or from several as an ensemble (ensemble.py: one list of two or more paths)."""
+    file, or from several as an ensemble (ensemble.py: one list of two or more paths). `word_map`:
+    the WORDMAP_*.json of a checkpoint of the tutorial, converted as it loads (tutorial_import.py)."""
+    import tutorial_import
     paths = checkpoint_paths(checkpoint_path)
     if len(paths) > 1:
+        if word_map:
+            raise ValueError('--word-map converts one tutorial checkpoint: convert it with tools/convert_tutorial.py '
+                             'to decode it in an ensemble')
         import ensemble
         return ensemble.load_ensemble(paths, device)
-    ckpt = checkpoint.load(paths[0])
+    ckpt = tutorial_import.load_checkpoint(paths[0], word_map)   # this suite's checkpoint, or the tutorial's
     encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
     return encoder, decoder, ckpt['word_map'], ckpt['config']
 

@@ -176,9 +176,9 @@ def _checkpoint_problem(path, error):
     refused = re.search(r'GLOBAL ([\w.]+)', message)
     if refused:   # a pickle that names classes/functions: code would run to rebuild them
         name = refused.group(1)
-        hint = (" This looks like a tutorial .pth.tar (those pickle whole modules): load it with the tutorial's "
-                "code and save decoder.state_dict(), whose parameter names DecoderWithAttention.load_state_dict "
-                "accepts." if re.search(r'DecoderWithAttention|Encoder|models\.', name) else '')
+        hint = (" This looks like a tutorial .pth.tar (those pickle whole modules): convert it without running "
+                "its code with tools/convert_tutorial.py CKPT WORDMAP.json OUT.pt (or give 02/03/04 --word-map "
+                "WORDMAP.json)." if re.search(r'DecoderWithAttention|Encoder|models\.', name) else '')
         return f'refused: it pickles {name}, and only tensors and plain data are loaded (no code runs).{hint}'
     if head.startswith(b'PK'):
         return (f'truncated or damaged checkpoint ({format_size(size)}; its zip archive is incomplete): '
