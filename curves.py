@@ -99,17 +99,34 @@ def step_positions(epochs, steps):
     return out
 
 
+def _same(epochs, key, other):
+    """Whether two per-epoch series are equal wherever both are logged (the mean baseline's epoch mean
+    is the reward's own)."""
+    pairs = [(r[key], r[other]) for r in epochs if _finite(r.get(key)) and _finite(r.get(other))]
+    return bool(pairs) and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in pairs)
+
+
+# A self-critical run's own loss is a policy-gradient surrogate (reward minus baseline times log
+# probability) whose value says nothing about progress: its panel shows the VAL cross-entropy and
+# the reward panel shows training. The baseline is drawn only where it differs from the reward
+# (with --scst-baseline mean their epoch means are equal by construction).
+
+
 def run_series(folder):
     """The lines of one run's figure: {panel: [Line]} (the reward panel only for self-critical runs).
     Epoch series have one point per logged epoch (x = epochs trained), step series one per logged step."""
     epochs, steps = read_run(folder)
     panels = {key: [] for key in PANELS}
+    scst_steps = any(_finite(r.get('reward')) for r in steps)   # see the note above
     for panel, key, label, color in STEP_SERIES:
         pts = [(x, r[key]) for x, r in step_positions(epochs, steps) if _finite(r.get(key))]
-        if pts:
+        if pts and not (scst_steps and key == 'loss'):
             panels[panel].append(Line(label, [p[0] for p in pts], [p[1] for p in pts], color, False, False, 1))
+    scst = any(_finite(r.get('train_reward')) for r in epochs)
     for panel, key, label, color, dashed in EPOCH_SERIES:
         pts = [(r['epoch'] + 1, r[key]) for r in epochs if _finite(r.get(key))]
+        if scst and key == 'train_loss' or key == 'train_baseline' and _same(epochs, key, 'train_reward'):
+            continue
         if pts:
             panels[panel].append(Line(label, [p[0] for p in pts], [p[1] for p in pts], color, dashed))
     if not panels['reward']:
@@ -137,11 +154,12 @@ def overlay_series(folders, labels=None):
     for i, (folder, label) in enumerate(zip(folders, labels)):
         color = RUN_COLORS[i % len(RUN_COLORS)]
         epochs, _ = read_run(folder)
+        scst = any(_finite(r.get('train_reward')) for r in epochs)   # its train loss says nothing (run_series)
         for panel, key, what, dashed in (('loss', 'train_loss', 'train', False), ('loss', 'val_tf_loss', 'VAL', True),
                                          ('bleu4', 'bleu4', None, False), ('cider', 'cider', None, False),
                                          ('reward', 'train_reward', None, False)):
             pts = [(r['epoch'] + 1, r[key]) for r in epochs if _finite(r.get(key))]
-            if pts:
+            if pts and not (scst and key == 'train_loss'):
                 panels[panel].append(Line(f'{label} {what}' if what else label, [p[0] for p in pts],
                                           [p[1] for p in pts], color, dashed))
     if not panels['reward']:
