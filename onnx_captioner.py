@@ -44,8 +44,13 @@ GRAPHS = {
 
 def missing(*packages):
     """The one line that says which of `packages` are not installed and how to get them, or None."""
-    import importlib.util
-    absent = [p for p in packages if importlib.util.find_spec(p) is None]
+    import importlib
+    absent = []
+    for p in packages:
+        try:
+            importlib.import_module(p)
+        except ImportError:
+            absent.append(p)
     if not absent:
         return None
     return (f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed: pip install "
