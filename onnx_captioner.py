@@ -106,12 +106,13 @@ class RepeatBiLSTMStepGraph(nn.Module):
 
 
 def _export(module, args, path, input_names, output_names, dynamic_shapes):
-    """torch.onnx.export (dynamo) of one graph into one file, its progress lines kept quiet unless it fails."""
+    """torch.onnx.export (dynamo) of one graph into one file (atomically), its progress lines kept quiet
+    unless it fails."""
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(), utils.atomic_path(path) as tmp:
             warnings.simplefilter('ignore')    # notes on dynamic axis names and deprecations, not problems
-            torch.onnx.export(module.eval(), args, path, input_names=input_names, output_names=output_names,
+            torch.onnx.export(module.eval(), args, tmp, input_names=input_names, output_names=output_names,
                               dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, opset_version=OPSET)
     except Exception:
         print(out.getvalue())

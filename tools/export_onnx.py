@@ -30,12 +30,12 @@ def sample_photos():
     return sorted(glob.glob(os.path.join(SAMPLES, '*.jpg')))
 
 
-def check(ckpt_path, out_dir, beam_size=3):
-    """Caption the sample photos with the checkpoint (PyTorch) and the export (onnxruntime).
-    -> (photos, PyTorch captions, ONNX captions)."""
+def check(ckpt_path, out_dir, beam_size=3, **beam_kw):
+    """Caption the sample photos with the checkpoint (PyTorch) and the export (onnxruntime), with
+    02_inference.py's defaults unless beam_kw says otherwise. -> (photos, PyTorch captions, ONNX captions)."""
     photos = sample_photos()
-    theirs = onnx_captioner.caption_files(onnx_captioner.load_onnx_captioner(out_dir), photos, beam_size)
-    ours = onnx_captioner.caption_files(caption.load_captioner(ckpt_path, 'cpu'), photos, beam_size)
+    theirs = onnx_captioner.caption_files(onnx_captioner.load_onnx_captioner(out_dir), photos, beam_size, **beam_kw)
+    ours = onnx_captioner.caption_files(caption.load_captioner(ckpt_path, 'cpu'), photos, beam_size, **beam_kw)
     return photos, ours, theirs
 
 
