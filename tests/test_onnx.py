@@ -46,12 +46,25 @@ def tiny_checkpoint(name, path, seed=0):
     return str(path)
 
 
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """name -> (tiny checkpoint path, its export folder), each exported once per module."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            folder = tmp_path_factory.mktemp(f'onnx_{name}')
+            ckpt = tiny_checkpoint(name, folder / 'c.pt')
+            assert export_onnx.main([ckpt, str(folder / 'onnx'), '--no-check']) == 0
+            made[name] = ckpt, folder / 'onnx'
+        return made[name]
+    return get
+
+
 @pytest.mark.parametrize('name', EXPORTABLE)
-def test_exported_captions_equal_pytorch(name, tmp_path, capsys):
+def test_exported_captions_equal_pytorch(name, exported):
     need_onnx()
-    ckpt = tiny_checkpoint(name, tmp_path / 'c.pt')
-    out = tmp_path / 'onnx'
-    assert export_onnx.main([ckpt, str(out), '--no-check']) == 0
+    ckpt, out = exported(name)
     assert sorted(os.listdir(out)) == ['captioner.json', 'decoder_prepare.onnx', 'decoder_step.onnx', 'encoder.onnx']
     # random weights: no early <end>; at most repeat_bilstm's 12 positions (past them its word distribution
     # repeats, and beams that order the same words differently tie exactly, broken by rounding)
@@ -111,3 +124,21 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert err.count('\n') == 1 and 'pip install onnx==' in err and 'onnxscript==' in err
     with pytest.raises(ImportError, match=r'pip install onnxruntime==\S+ \(requirements-extras.txt\)'):
         onnx_captioner.load_onnx_captioner(str(tmp_path))
+
+
+def test_bench_onnx_times_both_side_by_side(exported, capsys):
+    need_onnx()
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import bench_onnx
+    ckpt, out = exported('sat')
+    threads = torch.get_num_threads()
+    try:
+        assert bench_onnx.main(['--checkpoint', ckpt, '--onnx', str(out), '--repeats', '1', '--json']) == 0
+    finally:
+        torch.set_num_threads(threads)     # the benchmark sets its own
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['photos'] == 5 and result['threads'] == 1
+    for key in ('pytorch_encoder_ms', 'pytorch_beam_search_ms', 'onnx_encoder_ms', 'onnx_beam_search_ms'):
+        assert result[key] > 0
+    assert result['onnx_total_ms'] == pytest.approx(result['onnx_encoder_ms'] + result['onnx_beam_search_ms'], abs=0.2)
+    assert len(result['load_average_1min_before_after']) == 2
