@@ -369,30 +369,34 @@ def tensorboard_missing():
 
 
 def write_tensorboard_epoch(folder):
-    """Append the run's latest epoch to its TensorBoard event files (folder/tensorboard): that epoch's
-    metrics and the steps logged in it, at their global step numbers. Called once per epoch, it
-    writes each record once without keeping any state of its own."""
+    """Bring the run's TensorBoard event files (folder/tensorboard) up to its latest epoch: that
+    epoch's metrics and the steps logged in it, at their global step numbers. Called once per epoch,
+    it writes each record once without keeping any state of its own. The first epoch of a run, or
+    the first one written (--tensorboard turned on when resuming), writes everything logged so far
+    into a fresh folder (no events of a replaced run stay)."""
     from torch.utils.tensorboard import SummaryWriter
     epochs, steps = read_run(folder)
     if not epochs:
         return None
-    last = epochs[-1]
-    before = epochs[-2]['step'] if len(epochs) > 1 else -1
-    end = last.get('step', before)
     out = os.path.join(folder, TENSORBOARD_DIR)
-    if len(epochs) == 1 and os.path.isdir(out):   # a new run's first epoch: no events of a replaced run stay
+    fresh = len(epochs) == 1 or not os.path.isdir(out)
+    if fresh and os.path.isdir(out):
         shutil.rmtree(out)
+    new_epochs = epochs if fresh else epochs[-1:]
+    before = -1 if fresh else epochs[-2]['step']
+    end = epochs[-1].get('step', before)
     with SummaryWriter(out) as writer:
         for r in steps:
             if before < r['step'] <= end:
                 for key, tag in (('loss', 'train/step_loss'), ('reward', 'train/step_reward'), ('lr', 'train/lr')):
                     if _finite(r.get(key)):
                         writer.add_scalar(tag, r[key], r['step'])
-        for key, tag in (('train_loss', 'train/loss'), ('val_tf_loss', 'val/loss_teacher_forced'),
-                         ('bleu4', 'val/bleu4'), ('cider', 'val/cider'), ('train_reward', 'train/reward'),
-                         ('train_baseline', 'train/baseline')):
-            if _finite(last.get(key)):
-                writer.add_scalar(tag, last[key], end)
+        for record in new_epochs:
+            for key, tag in (('train_loss', 'train/loss'), ('val_tf_loss', 'val/loss_teacher_forced'),
+                             ('bleu4', 'val/bleu4'), ('cider', 'val/cider'), ('train_reward', 'train/reward'),
+                             ('train_baseline', 'train/baseline')):
+                if _finite(record.get(key)) and isinstance(record.get('step'), int):
+                    writer.add_scalar(tag, record[key], record['step'])
     return out
 
 

@@ -147,3 +147,16 @@ def test_tensorboard_event_files(xe_run, tmp_path):
     assert [e.step for e in acc.Scalars('val/bleu4')] == [r['step'] for r in epochs]
     assert [e.value for e in acc.Scalars('val/cider')] == pytest.approx([r['cider'] for r in epochs])
     assert [e.step for e in acc.Scalars('train/step_loss')] == list(range(1, 25))   # each logged step once
+
+
+def test_tensorboard_turned_on_later_writes_what_was_logged(xe_run, tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / 'run'
+    run.mkdir()
+    for name in ('metrics.jsonl', 'steps.jsonl'):       # two epochs logged without --tensorboard
+        (run / name).write_text(open(os.path.join(xe_run, name)).read())
+    curves.after_epoch(str(run), tensorboard=True)
+    acc = EventAccumulator(str(run / 'tensorboard'))
+    acc.Reload()
+    assert len(acc.Scalars('val/cider')) == 2 and len(acc.Scalars('train/step_loss')) == 24
