@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint
+import curves
 import datasets
 import text
 import utils
@@ -119,6 +120,7 @@ AMP = False                     # CUDA only: bf16 autocast where supported, else
 CHANNELS_LAST = True            # channels_last memory format for the encoder (faster on CPU and GPU)
 COMPILE = False                 # torch.compile the encoder when it runs on images
 LOG_EVERY = 50                  # steps between lines of steps.jsonl
+TENSORBOARD = False             # also write TensorBoard event files (run folder/tensorboard; needs the package)
 SAVE_EVERY = 0                  # also save a resumable checkpoint every N steps (0 = once per epoch)
 RESUME = ''                     # checkpoint to continue exactly (optimizer, schedule, position, RNG)
 INIT_FROM = ''                  # checkpoint whose weights start a new run (e.g. stage 2: fine-tuning)
@@ -126,7 +128,7 @@ OVERWRITE = False               # let a new run replace the run (checkpoints, lo
 
 # Flags that may differ from the checkpoint's config when resuming.
 RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps', 'device', 'out_dir',
-                      'data_folder', 'resume', 'early_stop', 'overwrite'}
+                      'data_folder', 'resume', 'early_stop', 'overwrite', 'tensorboard'}
 # Model-shape settings that --init-from takes from its checkpoint.
 MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'decoder', 'decoder_args')
 
@@ -214,6 +216,7 @@ def make_parser(suppress=False):
     add('--channels-last', CHANNELS_LAST, 'channels_last encoder')
     add('--compile', COMPILE, 'torch.compile the encoder when it runs on images')
     add('--log-every', LOG_EVERY, 'steps between steps.jsonl lines')
+    add('--tensorboard', TENSORBOARD, 'also write TensorBoard event files (curves.png is written either way)')
     add('--save-every', SAVE_EVERY, 'save a resumable checkpoint every N steps (0 = per epoch only)')
     add('--resume', RESUME, 'checkpoint to continue')
     add('--init-from', INIT_FROM, 'checkpoint whose weights start this run')
@@ -348,6 +351,8 @@ class Trainer(Objective, Validation, RunFolder):
 
     def __init__(self, argv, rank, world, device):
         config, resume_ckpt, init_ckpt = resolve_config(argv, device)
+        if config.get('tensorboard') and curves.tensorboard_missing():
+            raise ImportError(curves.tensorboard_missing())
         self.config, self.rank, self.world, self.device = config, rank, world, device
         self.main = rank == 0
         self.log = print if self.main else (lambda *a, **k: None)

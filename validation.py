@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import curves
 import text
 import utils
 from caption import beam_search
@@ -43,6 +44,7 @@ class Validation:
                   f'best_{key}': state['best_score']}
         if self.main:
             utils.append_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'), record)
+            curves.after_epoch(self.out_dir, self.config.get('tensorboard'), self.log)
         if self.scst:
             train = (f"train reward {stats['train_reward']:.3f} (baseline {stats['train_baseline']:.3f}, "
                      f"{stats['sample_len']:.1f} words per sample)")
