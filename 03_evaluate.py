@@ -8,7 +8,9 @@
 
 Each image is captioned once per beam size (the encoder runs once per image) and scored against
 every raw reference sentence it has: BLEU-1..4 with nltk always; BLEU-1..4, METEOR, ROUGE-L and
-CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. Next to the scores, per beam
+CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. Under torchrun
+(`torchrun --nproc_per_node=N 03_evaluate.py ...`) each process captions its share of the images and
+the first one scores them all, once. Next to the scores, per beam
 size, the repetition and diversity of the captions (metrics.diversity_scores): the share that repeat
 a word trigram, the distinct words used, the share of distinct captions, the mean length. These are scores of
 generated captions, unlike the teacher-forced numbers some tutorials report. Captions and references
@@ -23,6 +25,7 @@ import time
 import caption
 import datasets
 import metrics
+import sharding
 import text
 import utils
 
@@ -133,7 +136,7 @@ def main(argv=None):
     try:
         check_args(args)
         paths, refs, split = split_images(args)
-        device = utils.get_device(args.device)
+        rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
@@ -147,11 +150,13 @@ def main(argv=None):
     print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
           f'beam sizes {args.beam_sizes}, {device}')
     start = time.time()
-    results, failures = caption.caption_paths(
-        encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
+    results, failures = sharding.caption_paths(
+        encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device, rank, world,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
         min_len=args.min_len, allow_unk=args.allow_unk)
     seconds = time.time() - start
+    if results is None:   # another torchrun process: the first scores every share
+        return 0
     for path, err in failures:
         print(f'warning: skipped {path}: {err}', file=sys.stderr)
     scored = [i for i, r in enumerate(results) if r is not None]

@@ -168,3 +168,22 @@ def _allocate_cache(encoder, dataset, path, folder, device):
             os.remove(tmp)
         raise OSError(e.errno, e.strerror, path) from None
     return tmp
+
+
+def caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device, rank=0, world=1,
+                  **beam_kw):
+    """caption.caption_paths shared out over torchrun ranks, each captioning its share (whole batches).
+    -> on rank 0 (results, failures) of every image in the order of `paths`, results holding each
+    beam size's 'words' (all one process needs to score them); (None, None) on the other ranks."""
+    import caption
+    if world == 1:
+        return caption.caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device,
+                                     **beam_kw)
+    start, stop = batch_share(len(paths), rank, world, batch_size)
+    results, failures = caption.caption_paths(encoder, decoder, word_map, paths[start:stop], beam_sizes, batch_size,
+                                              workers, device, progress=rank == 0, **beam_kw)
+    words = [None if r is None else {k: {'words': hyp['words']} for k, hyp in r.items()} for r in results]
+    shares = gather((words, failures))
+    if rank != 0:
+        return None, None
+    return [r for share, _ in shares for r in share], [f for _, fails in shares for f in fails]
