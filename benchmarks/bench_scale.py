@@ -39,7 +39,8 @@ sys.path.insert(0, HERE)
 from common import report  # noqa: E402
 
 DATA = os.path.join(HERE, '.data', 'scale')
-FLICKR8K = os.path.join(REPO, '..', 'shared', 'datasets', 'flickr8k', 'images')
+FLICKR8K = os.path.join(REPO, '..', 'shared', 'datasets', 'flickr8k', 'images')   # this workplace's copy
+SAMPLES = os.path.join(REPO, 'assets', 'samples')                                  # elsewhere: the samples
 COCO_SPLITS = {'train': 82783, 'restval': 30504, 'val': 5000, 'test': 5000}   # Karpathy's COCO: 123,287 images
 TINY = ['--encoder', 'resnet18', '--encoder-weights', 'none', '--image-size', '64', '--encoded-image-size', '2',
         '--emb-dim', '16', '--attention-dim', '16', '--decoder-dim', '32', '--workers', '0']
@@ -47,7 +48,8 @@ TINY = ['--encoder', 'resnet18', '--encoder-weights', 'none', '--image-size', '6
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--images', default=FLICKR8K, help='folder of real photos to hard-link (default: %(default)s)')
+    p.add_argument('--images', default=FLICKR8K if os.path.isdir(FLICKR8K) else SAMPLES,
+                   help='folder of real photos to hard-link (default: %(default)s)')
     p.add_argument('--distinct', type=int, default=8, help='how many of them (default: %(default)s)')
     p.add_argument('--prep-sizes', type=int, nargs='*', default=[10000, 50000, 123287])
     p.add_argument('--vocab-size', type=int, default=25000, help='words of the generated captions')
@@ -141,7 +143,8 @@ def tiny_checkpoint():
     ckpt = os.path.join(folder, 'run', 'BEST_checkpoint_synthetic_5_cap_per_img_2_min_word_freq.pt')
     if not os.path.exists(ckpt):
         py = sys.executable
-        subprocess.run([py, os.path.join(REPO, '00_create_input_files.py'), '--output-folder', os.path.join(folder, 'data'),
+        subprocess.run([py, os.path.join(REPO, '00_create_input_files.py'),
+                        '--output-folder', os.path.join(folder, 'data'),
                         '--synthetic-images', '30', '--synthetic-image-size', '64', '--min-word-freq', '2'],
                        check=True, capture_output=True)
         subprocess.run([py, os.path.join(REPO, '01_train.py'), '--data-folder', os.path.join(folder, 'data'),
@@ -199,14 +202,17 @@ def resume(n, originals, ckpt, args):
         if os.path.exists(log):
             with open(log, 'rb') as f:
                 lines = f.read().count(b'\n')
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = proc.poll() is None   # False: the run ended before half was seen (too small to kill)
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     with open(log, 'rb') as f:
         at_kill = f.read().count(b'\n')
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     m = re.search(r'resuming: (\d+) of', done.stdout)
     images = [json.loads(line)['image'] for line in open(log, encoding='utf-8')]
-    result = {'images': n, 'captions_at_kill': at_kill, 'skipped_on_resume': int(m.group(1)) if m else 0,
+    result = {'images': n, 'killed': killed, 'captions_at_kill': at_kill,
+              'skipped_on_resume': int(m.group(1)) if m else 0,
               'captions_after': len(images), 'distinct_images': len(set(images)),
               'every_image_once': len(images) == len(set(images)) == n}
     shutil.rmtree(out, ignore_errors=True)

@@ -193,7 +193,8 @@ def _name(data):
 def server(work):
     """04_serve.py on CUDA in its own process: /healthz names the GPU, a photo gets a caption."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, '04_serve.py'), '--port', str(port), '--device', DEVICE[0]],
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, '04_serve.py'), '--port', str(port),
+                             '--device', DEVICE[0]],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base, health = f'http://127.0.0.1:{port}', None
@@ -284,7 +285,8 @@ def main(argv=None):
     for name, status, seconds, note in rows:
         print(f'{name:<28} {status:<6} {seconds:8.1f}  {note}')
     failed = [name for name, status, _, _ in rows if status == 'FAIL']
-    print(f"{len(rows) - len(failed)} of {len(rows)} passed or skipped" + (f"; FAILED: {', '.join(failed)}" if failed else ''))
+    print(f'{len(rows) - len(failed)} of {len(rows)} passed or skipped'
+          + (f"; FAILED: {', '.join(failed)}" if failed else ''))
     return 1 if failed else 0
 
 
