@@ -36,6 +36,7 @@ TINY = ['--encoder', 'resnet18', '--encoder-weights', 'none', '--image-size', '6
 SIZES = {'emb_dim': '16', 'attention_dim': '16', 'decoder_dim': '32'}
 TINY_LM = ['--lm-dim', '16', '--lm-layers', '1', '--lm-heads', '2', '--prefix-length', '2']
 THROUGHPUT_IMAGES = 640
+WORKERS = str(min(4, os.cpu_count() or 1))   # image-decoding workers of the throughput rows
 DEVICE = ['cuda']   # --device cpu: a dry run of the check's own plumbing (no GPU path is checked then)
 
 
@@ -122,8 +123,9 @@ def ddp(work, data):
 
 def linked_photos(folder, n):
     """n hard links to the sample photos (one file system: made under the work folder)."""
+    import datasets
     samples = os.path.join(REPO, 'assets', 'samples')
-    names = sorted(os.listdir(samples))
+    names = sorted(n for n in os.listdir(samples) if n.lower().endswith(datasets.IMAGE_EXTENSIONS))
     originals = os.path.join(folder, 'originals')
     os.makedirs(originals, exist_ok=True)
     for name in names:
@@ -159,7 +161,8 @@ def feature_caching(work, photos):
     ds = Photos(datasets.list_images(photos), datasets.image_transform(encoder))
     path = os.path.join(work, 'features.npy')
     start = time.perf_counter()
-    cache = datasets.build_feature_cache(encoder, ds, path, device, batch_size=64, workers=4, progress=False)
+    cache = datasets.build_feature_cache(encoder, ds, path, device, batch_size=64, workers=int(WORKERS),
+                                         progress=False)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -171,7 +174,7 @@ def feature_caching(work, photos):
 def inference(work, photos):
     """02_inference.py with the provided pair on CUDA, batch 64."""
     out = quiet(importlib.import_module('02_inference').main,
-                ['--img', photos, '--out', os.path.join(work, 'captions'), '--batch-size', '64', '--workers', '4',
+                ['--img', photos, '--out', os.path.join(work, 'captions'), '--batch-size', '64', '--workers', WORKERS,
                  '--device', DEVICE[0]])
     m = re.search(rf'(\d+) image\(s\) captioned in ([\d.]+) s on {DEVICE[0]}', out)
     if not m or int(m.group(1)) != THROUGHPUT_IMAGES:
