@@ -10,6 +10,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sharding
@@ -139,9 +140,9 @@ def test_changed_settings_refuse_to_append_and_overwrite_starts_over(tiny_checkp
     assert infer.main(flags(tiny_checkpoint, photos, out, '--beam-size', '1', '--no-repeat-ngram', '0')) == 1
     assert 'no_repeat_ngram 3, this run has 0' in capsys.readouterr().err
     other = tmp_path / 'other.pt'                                    # other weights under the same name
-    ckpt = __import__('utils').load_checkpoint(tiny_checkpoint)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
     ckpt['decoder'] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt['decoder'].items()}
-    __import__('utils').save_checkpoint(str(other), ckpt)
+    torch.save(ckpt, other)
     assert infer.main(flags(str(other), photos, out, '--beam-size', '1')) == 1
     assert 'made with checkpoint' in capsys.readouterr().err
     assert (out / 'captions.jsonl').read_bytes() == before           # nothing appended by the refused runs
