@@ -16,14 +16,15 @@
         --val-image-folder aic/val                         # AI Challenger 2017 (COCO's captions_*2017.json alike)
     python 00_create_input_files.py --language zh         # the synthetic set with Chinese captions
 
-Edit the constants below or pass flags (flags win). Outputs are described in datasets.py.
+Edit the constants below or pass flags (flags win). Outputs are described in prepare.py.
 """
 import argparse
 import os
 import sys
 import time
 
-import datasets
+import formats
+import prepare
 import synthetic
 import text
 import utils
@@ -108,7 +109,7 @@ def read_records(args):
         if not args.image_folder:
             raise SystemExit('--captions-file needs --image-folder (where the images named in it are)')
         lists = {s: p for s, p in (('TRAIN', args.train_list), ('VAL', args.val_list), ('TEST', args.test_list)) if p}
-        return datasets.read_caption_table(args.captions_file, args.image_folder, args.seed, args.val_fraction,
+        return formats.read_caption_table(args.captions_file, args.image_folder, args.seed, args.val_fraction,
                                            args.test_fraction, args.tokenizer, args.allow_outside_paths, lists or None,
                                            args.val_captions_file or None, args.val_image_folder or None)
     if args.train_list or args.val_list or args.test_list or args.val_captions_file:
@@ -124,7 +125,7 @@ def read_records(args):
         raise SystemExit(f'--dataset {args.dataset} needs --karpathy-json (or --captions-file for your own captions)')
     if not args.image_folder:
         raise SystemExit('--karpathy-json needs --image-folder (where the images are)')
-    return datasets.read_karpathy(args.karpathy_json, args.image_folder, args.tokenizer, args.allow_outside_paths)
+    return formats.read_karpathy(args.karpathy_json, args.image_folder, args.tokenizer, args.allow_outside_paths)
 
 
 def main(argv=None):
@@ -132,13 +133,13 @@ def main(argv=None):
     start = time.time()
     try:
         records = read_records(args)
-        summary = datasets.prepare_dataset(
+        summary = prepare.prepare_dataset(
             records, args.dataset, args.output_folder, args.captions_per_image, args.min_word_freq,
             args.max_len, args.hdf5, args.image_size, args.seed, args.skip_missing, args.workers or None)
     except (ValueError, OSError, ImportError) as e:   # bad input; a missing extra; a full disk, a file-size limit, a read-only folder
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
-    datasets.print_summary(summary, args.output_folder)
+    prepare.print_summary(summary, args.output_folder)
     for split, s in summary['splits'].items():
         if not s['images']:   # e.g. a Karpathy file without its test split
             print(f'warning: split {split} is empty; training needs TRAIN and VAL, 03_evaluate.py then needs '

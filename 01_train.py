@@ -1,4 +1,7 @@
-"""Step 1: train the Show, Attend and Tell encoder-decoder on the files 00_create_input_files.py wrote.
+"""Step 1: train a captioning model on the files 00_create_input_files.py wrote: an encoder (--encoder)
+and any decoder of decoders.DECODERS (--decoder: sat, the Show, Attend and Tell default; dot_attention;
+show_tell; repeat_bilstm; clipcap), with one of two objectives (--objective): cross-entropy with
+teacher forcing (xe) or self-critical training with a CIDEr-D reward (scst).
 
     python 01_train.py                                    # the synthetic set a bare step 0 built
     python 01_train.py --data-folder data --data-name coco_5_cap_per_img_5_min_word_freq \\
@@ -17,13 +20,10 @@ reference), not by teacher-forced scores. Each epoch logs both VAL BLEU-4 and CI
 from the scored VAL references). Ctrl-C saves a resumable checkpoint and exits.
 """
 import argparse
-import contextlib
 import os
-import signal
 import sys
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -36,13 +36,14 @@ import sharding
 import text
 import utils
 import caption
-from caption import beam_search
 from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
-from cider import CiderD
-from decoders import DECODERS, caption_loss
-from metrics import NltkBleu, diversity_scores
+from datasets import ImageBatchSampler
+from decoders import DECODERS
 from models import DECODER_SETTINGS, ENCODERS, build_models, default_grid
+from objective import Objective
+from run_folder import RunFolder, Stopper, check_run_folder
 from scst import BASELINES, SelfCritical
+from validation import SELECT_KEYS, Validation, _broadcast
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -124,7 +125,6 @@ RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps
                       'data_folder', 'resume', 'early_stop', 'overwrite'}
 # Model-shape settings that --init-from takes from its checkpoint.
 MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'decoder', 'decoder_args')
-SELECT_KEYS = {'BLEU-4': 'bleu4', 'CIDEr': 'cider'}   # --select-by -> the VAL metric's key
 
 
 
@@ -252,20 +252,6 @@ def check_ranges(config):
         raise bad('scst_samples', 'at least 2 with --scst-baseline mean (the baseline is the other samples)')
 
 
-def check_run_folder(config):
-    """A new run must not silently replace a run in its folder: its resumable checkpoint could be
-    the one a Ctrl-C told the user to --resume."""
-    out = config['out_dir']
-    found = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
-                   if f.endswith('.pt') and (f.startswith('checkpoint_') or f.startswith('BEST_checkpoint_')))
-    if found and not config.get('overwrite'):
-        resumable = [f for f in found if f.startswith('checkpoint_')]
-        offer = f'continue it with --resume {os.path.join(out, resumable[0])}, ' if resumable else ''
-        raise ValueError(f'{out} already holds a run ({", ".join(found)}): {offer}pass --overwrite to replace it, '
-                         'or choose another --out-dir')
-    return found
-
-
 def resolve_config(argv, device):
     """Merge constants, flags and (when resuming or initialising) the checkpoint's config.
 
@@ -325,65 +311,6 @@ def resolve_config(argv, device):
     return config, None, init_ckpt
 
 
-class ImageBatchSampler:
-    """Batches of image indices: a seeded shuffle per epoch, cut into global batches of
-    `images_per_batch * world` images, of which this process takes its slice.
-
-    `set_epoch(epoch, start)` skips the first `start` images of the epoch's order (resume), so a
-    run continues identically whatever the number of processes.
-    """
-
-    def __init__(self, num_images, images_per_batch, seed, rank=0, world=1):
-        self.n, self.ipb, self.seed, self.rank, self.world = num_images, images_per_batch, seed, rank, world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def _global_batches(self):
-        g = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.start:]
-        size = self.ipb * self.world
-        return [order[i:i + size] for i in range(0, len(order), size)]
-
-    def __iter__(self):
-        for batch in self._global_batches():
-            if self.world == 1:
-                yield batch.tolist()
-            elif len(batch) >= self.world:   # a short last batch is shared out evenly
-                yield torch.tensor_split(batch, self.world)[self.rank].tolist()
-
-    def __len__(self):
-        return sum(1 for b in self._global_batches() if self.world == 1 or len(b) >= self.world)
-
-
-class Stopper:
-    """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self._pid = os.getpid()
-        with contextlib.suppress(ValueError):   # not the main thread: no handler
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:   # a forked DataLoader worker inherited the handler: the parent speaks
-            return
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print('\nCtrl-C: saving a resumable checkpoint after this step (Ctrl-C again to abort) ...',
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     device_flag, _ = make_parser().parse_known_args(argv)
@@ -403,8 +330,10 @@ def main(argv=None):
         utils.cleanup_distributed()
 
 
-class Trainer:
-    """Everything one training run holds: models, data, optimiser, schedule and position."""
+class Trainer(Objective, Validation, RunFolder):
+    """Everything one training run holds: models, data, optimiser, schedule and position. Its objective
+    (objective.py), validation and model selection (validation.py) and run folder (run_folder.py) are
+    methods it inherits from those modules."""
 
     def __init__(self, argv, rank, world, device):
         config, resume_ckpt, init_ckpt = resolve_config(argv, device)
@@ -528,34 +457,6 @@ class Trainer:
         if self.main:
             self._tidy_run_folder(resume_ckpt)
 
-    def _tidy_run_folder(self, resume_ckpt):
-        """Remove what killed runs left (checkpoint temp files); a new --overwrite run removes the old
-        run's checkpoints and logs; a resumed run drops log lines past its checkpoint (steps a kill
-        made it lose, which it now trains again), so no step or epoch is logged twice."""
-        freed = utils.remove_stale_temp(self.out_dir)
-        if freed:
-            self.log(f'removed {utils.format_size(freed)} of temporary files left by a killed run in {self.out_dir}')
-        if resume_ckpt is None:
-            for f in check_run_folder(self.config) + ['steps.jsonl', 'metrics.jsonl']:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.out_dir, f))
-            return
-        utils.truncate_jsonl(os.path.join(self.out_dir, 'steps.jsonl'), lambda r: r.get('step', 0) <= self.state['step'])
-        utils.truncate_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'),
-                             lambda r: r.get('epoch', 0) < self.state['epoch'])
-
-    def _train_reward(self):
-        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py)."""
-        start, tokenizer = time.time(), self.config['tokenizer']
-        refs = [[text.tokenize(r, tokenizer) for r in image_refs] for image_refs in self.train_set.refs()]
-        if len(refs) != self.train_set.num_images:
-            raise ValueError(f'{self.train_set.refs_path}: references of {len(refs)} images, the TRAIN split has '
-                             f'{self.train_set.num_images}: re-run 00_create_input_files.py')
-        reward = CiderD(refs)
-        self.log(f'self-critical reward: CIDEr-D against the references of {len(refs)} TRAIN images '
-                 f'({len(reward.ids)} n-grams, {time.time() - start:.1f} s)')
-        return reward
-
     @staticmethod
     def _data_limits(folder, name):
         """What a new decoder may need to know of the data: the positions a caption takes
@@ -574,17 +475,6 @@ class Trainer:
             caches[split] = sharding.ensure_feature_cache(self.encoder, ds, path, self.device, self.rank, self.world,
                                                           batch_size=32, workers=self.config['workers'], log=self.log)
         return caches
-
-    def save(self, path, val_metrics=None):
-        if self.main:
-            utils.save_checkpoint(path, {
-                'format': checkpoint.FORMAT, 'config': self.config, 'word_map': self.word_map,
-                'encoder': self.encoder.state_dict(), 'decoder': self.decoder.state_dict(),
-                'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
-                'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                'decoder_ema': self.ema.module.state_dict() if self.ema else None,
-                'decoder_ema_state': self.ema.state_dict() if self.ema else None,
-                'val_metrics': val_metrics, 'rng': utils.get_rng_state(), **self.state})
 
     def run(self):
         config, state = self.config, self.state
@@ -625,112 +515,6 @@ class Trainer:
             self.log(f"no epoch ended in this run folder ({state['epoch']} of {config['epochs']} epochs done): "
                      f"no BEST checkpoint; continue with --resume {self.ckpt_path} --epochs N")
         return 0
-
-    def end_epoch(self, stats, val):
-        """Schedule, early-stopping count, checkpoints and the metrics log after validation."""
-        key = SELECT_KEYS[self.config['select_by']]
-        state, score = self.state, val[key]
-        self.scheduler.step(score)
-        improved = score > state['best_score']
-        state['epoch'] += 1
-        state.update(images_done=0, epoch_loss_sum=0.0, epoch_loss_steps=0, epoch_scst_sums=[0.0] * 4)
-        if improved:
-            state.update(best_score=score, best_epoch=state['epoch'] - 1, epochs_since_improvement=0)
-        else:
-            state['epochs_since_improvement'] += 1
-        self.save(self.ckpt_path, val)
-        if improved and self.main:
-            utils.save_checkpoint(self.best_path, utils.load_checkpoint(self.ckpt_path))
-        record = {'epoch': state['epoch'] - 1, 'step': state['step'], **stats, **val,
-                  'lr': self.optimizer.param_groups[0]['lr'], 'select_by': self.config['select_by'],
-                  f'best_{key}': state['best_score']}
-        if self.main:
-            utils.append_jsonl(os.path.join(self.out_dir, 'metrics.jsonl'), record)
-        if self.scst:
-            train = (f"train reward {stats['train_reward']:.3f} (baseline {stats['train_baseline']:.3f}, "
-                     f"{stats['sample_len']:.1f} words per sample)")
-        else:
-            train = f"train loss {stats['train_loss']:.3f} top-5 {stats['train_top5']:.1f}%"
-        best = {k: ' (best)' if improved and k == key else '' for k in SELECT_KEYS.values()}
-        self.log(f"epoch {record['epoch']}: {train} ({stats['captions_per_s']:.0f} captions/s) | VAL teacher-forced "
-                 f"loss {val['val_tf_loss']:.3f} top-5 {val['val_tf_top5']:.1f}% | VAL generated (beam "
-                 f"{self.config['val_beam_size']}) BLEU-4 {val['bleu4']:.4f}{best['bleu4']} "
-                 f"CIDEr {val['cider']:.4f}{best['cider']}, {val['val_repeated_trigrams']:.1%} repeat a "
-                 f"trigram, {val['val_distinct_words']} words, {val['val_unique_captions']:.1%} unique")
-        for sample in val['samples'][:2]:
-            self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
-
-    def encode(self, encoder, x):
-        """Encoder input -> [b, g, g, C]: pooled cached features, or the encoder run on images."""
-        x = x.to(self.device, non_blocking=True)
-        if self.use_cache:
-            return self.encoder.pool(x)
-        with torch.set_grad_enabled(self.fine_tuning and torch.is_grad_enabled()):
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                return encoder(x).float()
-
-    def xe_loss(self, x, caps, caplens):
-        """Cross-entropy on a batch of images with all their captions: x [b, 3, S, S] images or
-        [b, C, h, w] cached features, caps [b, cpi, L], caplens [b, cpi].
-        Returns (loss, decoder output, images in the global batch)."""
-        config, device, cpi, world = self.config, self.device, self.cpi, self.world
-        b = caps.size(0)
-        caps = caps.to(device, non_blocking=True).view(b * cpi, -1)              # [b*cpi, L]
-        caplens = caplens.to(device, non_blocking=True).view(-1)                 # [b*cpi]
-        image_index = torch.arange(b, device=device).repeat_interleave(cpi)      # caption -> image row
-        enc = self.encode(self.train_encoder, x)                                 # [b, g, g, C]
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.train_model(enc, caps, caplens, image_index)
-        # Normalise by the global batch's token and caption counts: averaging gradients over
-        # processes then gives exactly the gradient of the whole global batch.
-        counts = utils.all_reduce_sum(torch.tensor([out.targets.numel(), b * cpi], dtype=torch.float64,
-                                                   device=device)).tolist()
-        loss = caption_loss(out, config['label_smoothing'],
-                            num_tokens=counts[0] / world, num_captions=counts[1] / world)
-        return loss, out, int(counts[1]) // cpi
-
-    def scst_loss(self, idx, x):
-        """Self-critical loss (scst.py) on a batch of images: idx [b] TRAIN image indices, x as xe_loss.
-        The uniforms behind the samples are drawn for the whole global batch from this step's generator
-        and each process takes its images' rows, so the samples do not depend on the process count.
-        Returns (loss, sums float64 [4] of this process: reward, baseline, words, samples; images in the
-        global batch)."""
-        device, world, n, b = self.device, self.world, self.config['scst_samples'], len(idx)
-        sizes = torch.zeros(world, dtype=torch.float64, device=device)
-        sizes[self.rank] = b
-        sizes = [int(v) for v in utils.all_reduce_sum(sizes).tolist()]               # images per process
-        total, first = sum(sizes), sum(sizes[:self.rank])
-        uniforms = torch.rand(total * n, self.objective.max_len, generator=self.sample_generator(),
-                              dtype=torch.float64)[first * n:(first + b) * n]           # [b*n, max_len]
-        enc = self.encode(self.train_encoder, x)                                     # [b, g, g, C]
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, sums = self.train_model(enc, idx.to(device), uniforms, total * n / world)
-        return loss, sums, total
-
-    def sample_generator(self):
-        """This step's sampling generator, seeded from the run's seed and the step number: a resumed
-        run draws the same numbers (its state is the checkpoint's step: nothing more to save)."""
-        entropy = [self.config['seed'] % 2 ** 63, self.state['step']]
-        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
-
-    def train_step(self, idx, x, caps, caplens):
-        """One optimisation step on a batch of images (idx [b] their indices; see xe_loss).
-        Returns (loss, decoder output (xe) or None, images in the global batch, sums (scst) or None)."""
-        out = sums = None
-        if self.scst:
-            loss, sums, images = self.scst_loss(idx, x)
-        else:
-            loss, out, images = self.xe_loss(x, caps, caplens)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.config['grad_clip']:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_value_(self.params, self.config['grad_clip'])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update_parameters(self.decoder)
-        return loss, out, images, sums
 
     def train_epoch(self, stopper):
         """The (rest of the) current epoch. Returns (None | 'interrupt' | 'max_steps', stats)."""
@@ -806,53 +590,6 @@ class Trainer:
             stats.update(train_reward=epoch_sums[0] / count, train_baseline=epoch_sums[1] / count,
                          sample_len=epoch_sums[2] / count)
         return stop, stats
-
-    @torch.inference_mode()
-    def validate(self):
-        """Teacher-forced loss/top-5 and, for model selection, BLEU-4 and CIDEr-D (df from the scored VAL
-        references, as the COCO toolkit) of generated VAL captions (with their repetition and diversity,
-        metrics.diversity_scores, as val_* entries)."""
-        decoder = self.ema.module if self.ema is not None else self.decoder
-        self.encoder.eval()
-        decoder.eval()
-        rev = {v: k for k, v in self.word_map.items()}
-        cpi, device, tokenizer = self.cpi, self.device, self.config.get('tokenizer', 'words')
-        if self.val_ref_tokens is None:
-            self.val_ref_tokens = [[text.tokenize(r, tokenizer) for r in refs] for refs in self.val_refs]
-        tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
-        res, gts, hyp_words, samples, i = {}, {}, [], [], 0
-        for x, caps, caplens in tqdm(self.val_loader, desc='validating', unit='batch', leave=False,
-                                     dynamic_ncols=True, disable=None):
-            b = caps.size(0)
-            enc = self.encode(self.encoder, x)
-            out = decoder(enc, caps.to(device).view(b * cpi, -1), caplens.to(device).view(-1),
-                          torch.arange(b, device=device).repeat_interleave(cpi))
-            tf_loss.update(caption_loss(out).item(), out.targets.numel())
-            tf_top5.update(utils.topk_accuracy(out.scores.float(), out.targets, 5), out.targets.numel())
-            # runs from before the setting validated without it, and keep doing so when resumed
-            for hyp in beam_search(decoder, enc, self.word_map, beam_size=self.config['val_beam_size'],
-                                   no_repeat_ngram_size=self.config.get('val_no_repeat_ngram', 0)):
-                hyp_words.append(decoder.words(hyp['tokens'], rev))
-                res[i] = [' '.join(hyp_words[-1])]
-                gts[i] = self.val_refs[i]
-                if len(samples) < 3:
-                    samples.append({'caption': res[i][0], 'ref': self.val_refs[i][0]})
-                i += 1
-        bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
-        diversity = diversity_scores([res[j][0] for j in sorted(res)], tokenizer)
-        cider = float(CiderD(self.val_ref_tokens[:i]).scores(range(i), hyp_words).mean())
-        return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
-                'cider': cider, **{f'val_{k}': v for k, v in diversity.items()}, 'samples': samples}
-
-
-def _broadcast(obj, world):
-    """Rank 0's object on every process."""
-    if world > 1:
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        obj = holder[0]
-    return obj
-
 
 if __name__ == '__main__':
     sys.exit(main())

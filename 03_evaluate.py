@@ -24,6 +24,7 @@ import time
 
 import caption
 import datasets
+import formats
 import metrics
 import sharding
 import text
@@ -94,13 +95,13 @@ def split_images(args):
             raise ValueError('--coco-json needs --image-folder (and no --karpathy-json)')
         if os.path.splitext(args.coco_json)[1].lower() != '.json':
             raise ValueError(f'--coco-json {args.coco_json}: expected a .json caption annotation file')
-        records = datasets.read_caption_table(args.coco_json, args.image_folder, val_fraction=0, test_fraction=0,
+        records = formats.read_caption_table(args.coco_json, args.image_folder, val_fraction=0, test_fraction=0,
                                               allow_outside=args.allow_outside_paths)
         paths, refs, split = [r.path for r in records], [r.raws for r in records], os.path.basename(args.coco_json)
     elif args.karpathy_json:
         if not args.image_folder:
             raise ValueError('--karpathy-json needs --image-folder')
-        records = [r for r in datasets.read_karpathy(args.karpathy_json, args.image_folder,
+        records = [r for r in formats.read_karpathy(args.karpathy_json, args.image_folder,
                                                      allow_outside=args.allow_outside_paths) if r.split == split]
         paths, refs = [r.path for r in records], [r.raws for r in records]
     else:

@@ -1,8 +1,9 @@
-"""The checkpoint format: what a checkpoint holds, the migration of older files, export to a small
-inference file, and rebuilding the models from one.
+"""The checkpoint format and its files: what a checkpoint holds, saving and loading (with a one-line
+reason for a file that is not one), the migration of older files, export to a small inference
+file, and rebuilding the models from one.
 
 A checkpoint is a plain dict of tensors and primitives (torch.load(weights_only=True) reads it;
-utils.save_checkpoint / utils.load_checkpoint do the file I/O). Format 2:
+save_checkpoint / load_checkpoint below do the file I/O). Format 2:
 
     format        2
     config        the run's settings, including
@@ -20,14 +21,17 @@ utils.save_checkpoint / utils.load_checkpoint do the file I/O). Format 2:
 
 Format 1 (the first release, one decoder) had no decoder/decoder_args: `migrate` adds them, so
 its files (checkpoints/flickr8k_efficientnet_lite0_xe_fp16.pt among them) load unchanged. The
-original ClipCap's state_dicts are converted by `convert_clipcap_state` (tools/convert_clipcap.py
+original ClipCap's state_dicts are converted by clipcap.convert_clipcap_state (tools/convert_clipcap.py
 writes a checkpoint from one).
 """
 import os
+import re
+import warnings
 
 import torch
 
 import utils
+from utils import _CONTROL_RE, atomic_path, format_size   # _CONTROL_RE: terminal codes, also dropped by describe_error
 from models import ENCODERS, build_models, named_weights
 
 FORMAT = 2
@@ -56,7 +60,7 @@ def migrate(ckpt, path='checkpoint'):
 
 def load(path, map_location='cpu'):
     """Read a checkpoint file (no code runs: weights_only) and bring it to the current format."""
-    return migrate(utils.load_checkpoint(path, map_location), path)
+    return migrate(load_checkpoint(path, map_location), path)
 
 
 def restore_encoder(encoder, ckpt):
@@ -129,65 +133,56 @@ def export(ckpt, fp16=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# The original ClipCap's checkpoints (github rmokady/CLIP_prefix_caption): plain state_dicts of its
-# ClipCaptionModel / ClipCaptionPrefix, with 'gpt.*' (GPT2LMHeadModel, as clipcap.ClipCap's) and
-# 'clip_project.*' (its MLP, or its TransformerMapper).
+# Checkpoints: plain dicts of tensors and primitives, loadable with torch.load(weights_only=True).
 
-# its transformer mapper's layer names -> nn.TransformerEncoderLayer's (queries/keys/values apart)
-_MAPPER_LAYER_NAMES = {'norm1': 'norm1', 'norm2': 'norm2', 'attn.project': 'self_attn.out_proj',
-                       'mlp.fc1': 'linear1', 'mlp.fc2': 'linear2'}
-
-
-def is_old_gpt2_buffer(key):
-    """The causal-mask buffers older transformers saved in GPT-2 state_dicts ('...attn.bias' and
-    '...attn.masked_bias'; not the parameters 'attn.c_attn.bias' / 'attn.c_proj.bias'), which newer
-    GPT2LMHeadModels lack and reject."""
-    return key.endswith(('.attn.bias', '.attn.masked_bias'))
+def save_checkpoint(path, state):
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, 'wb') as f:   # a Python file: torch's writer then keeps the OSError of a failed write
+                torch.save(state, f)
+        except RuntimeError as e:        # torch reports a full disk as 'unexpected pos': give the real cause
+            cause = e.__context__
+            if isinstance(cause, OSError) and cause.errno:
+                raise OSError(cause.errno, cause.strerror, path) from None
+            raise
 
 
-def convert_clipcap_state(state):
-    """An original ClipCap state_dict -> (clipcap.ClipCap state_dict without 'lm_digest', the settings
-    it implies: mapping, prefix_length and, for the transformer, clip_length and mapping_layers).
+def load_checkpoint(path, map_location='cpu'):
+    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True).
 
-    The GPT-2 mask buffers are dropped; 'clip_project.*' becomes 'mapping.*': the MLP keeps its
-    names, the transformer mapper's layers take nn.TransformerEncoderLayer's, its separate query and
-    key/value projections joined into one (biases zero where it had none). ValueError names a key
-    it does not know."""
-    out, layers = {}, {}
-    for key, value in state.items():
-        if key.startswith('gpt.'):
-            if not is_old_gpt2_buffer(key):
-                out[key] = value
-        elif key.startswith('clip_project.model.') or key in ('clip_project.linear.weight', 'clip_project.linear.bias',
-                                                               'clip_project.prefix_const'):
-            out['mapping.' + key[len('clip_project.'):]] = value
-        elif key.startswith('clip_project.transformer.layers.'):
-            n, rest = key[len('clip_project.transformer.layers.'):].split('.', 1)
-            layers.setdefault(int(n), {})[rest] = value
-        else:
-            raise ValueError(f'not a ClipCap state_dict this converter knows: unexpected key {key!r}')
-    if 'gpt.transformer.wte.weight' not in out:
-        raise ValueError("not a ClipCap state_dict: no 'gpt.transformer.wte.weight'")
-    E = out['gpt.transformer.wte.weight'].size(1)
-    for n, parts in sorted(layers.items()):
-        prefix = f'mapping.transformer.layers.{n}.'
-        q, kv = parts.pop('attn.to_queries.weight'), parts.pop('attn.to_keys_values.weight')   # [E, E], [2E, E]
-        q_bias, kv_bias = parts.pop('attn.to_queries.bias', None), parts.pop('attn.to_keys_values.bias', None)
-        out[prefix + 'self_attn.in_proj_weight'] = torch.cat([q, kv])                           # [3E, E]: q, k, v
-        out[prefix + 'self_attn.in_proj_bias'] = torch.cat([
-            q_bias if q_bias is not None else q.new_zeros(E), kv_bias if kv_bias is not None else kv.new_zeros(2 * E)])
-        for rest, value in parts.items():
-            name, _, kind = rest.rpartition('.')
-            if name not in _MAPPER_LAYER_NAMES:
-                raise ValueError(f'not a ClipCap state_dict this converter knows: unexpected key '
-                                 f'clip_project.transformer.layers.{n}.{rest}')
-            out[prefix + _MAPPER_LAYER_NAMES[name] + '.' + kind] = value
-    if 'mapping.model.2.weight' in out:
-        settings = {'mapping': 'mlp', 'prefix_length': out['mapping.model.2.weight'].size(0) // E}
-    elif 'mapping.prefix_const' in out:
-        settings = {'mapping': 'transformer', 'prefix_length': out['mapping.prefix_const'].size(0),
-                    'clip_length': out['mapping.linear.weight'].size(0) // E, 'mapping_layers': len(layers)}
-    else:
-        raise ValueError('not a ClipCap state_dict this converter knows: no MLP or transformer mapper '
-                         '(clip_project.model.* / clip_project.prefix_const)')
-    return out, settings
+    Anything else (empty, truncated, text, pickled objects) raises ValueError with one line that
+    names the file and says what it is."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        with warnings.catch_warnings():   # torch warns about pickle protocols of hostile files
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f'{path}: {_checkpoint_problem(path, e)}') from None
+    if not isinstance(ckpt, dict) or 'decoder' not in ckpt or 'config' not in ckpt:
+        raise ValueError(f'{path}: not a checkpoint of this suite (expected keys "config" and "decoder")')
+    return ckpt
+
+
+def _checkpoint_problem(path, error):
+    """Why torch.load failed on `path`, in words (one line, no terminal control codes)."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    message = _CONTROL_RE.sub(' ', str(error))
+    if size == 0:
+        return 'empty file (0 bytes): not a checkpoint; was its writing interrupted?'
+    refused = re.search(r'GLOBAL ([\w.]+)', message)
+    if refused:   # a pickle that names classes/functions: code would run to rebuild them
+        name = refused.group(1)
+        hint = (" This looks like a tutorial .pth.tar (those pickle whole modules): load it with the tutorial's "
+                "code and save decoder.state_dict(), whose parameter names DecoderWithAttention.load_state_dict "
+                "accepts." if re.search(r'DecoderWithAttention|Encoder|models\.', name) else '')
+        return f'refused: it pickles {name}, and only tensors and plain data are loaded (no code runs).{hint}'
+    if head.startswith(b'PK'):
+        return (f'truncated or damaged checkpoint ({format_size(size)}; its zip archive is incomplete): '
+                'was its writing interrupted? Use another checkpoint')
+    if head[:1] == b'\x80':
+        return f'truncated, damaged or not a tensor checkpoint ({format_size(size)} pickle that torch cannot read)'
+    return f'not a checkpoint file ({format_size(size)} of text or another format)'

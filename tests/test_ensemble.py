@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import caption
+import checkpoint
 import datasets
 import decoders
 import ensemble
-import utils
 from conftest import REPO, TINY_MODEL, script
 from test_beam_search import WORD_MAP, C, decoder, exhaustive, features
 
@@ -147,10 +147,10 @@ def test_evaluate_and_inference_take_several_checkpoints(tiny_checkpoint, second
 
 
 def test_a_member_with_another_word_map_is_one_clear_error(tiny_checkpoint, tmp_path, capsys):
-    ckpt = utils.load_checkpoint(tiny_checkpoint)
+    ckpt = checkpoint.load_checkpoint(tiny_checkpoint)
     ckpt['word_map'] = {**ckpt['word_map'], 'zebra': max(ckpt['word_map'].values()) + 1}
     other = tmp_path / 'other.pt'
-    utils.save_checkpoint(str(other), ckpt)
+    checkpoint.save_checkpoint(str(other), ckpt)
     img = os.path.join(REPO, 'assets', 'samples', 'coffee.jpg')
     assert script('02_inference').main(['--img', img, '--checkpoint', tiny_checkpoint, str(other),
                                         '--out', str(tmp_path / 'o')]) == 1

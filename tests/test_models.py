@@ -10,7 +10,6 @@ from torch import nn
 
 import checkpoint
 import models
-import utils
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
@@ -247,10 +246,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     encoder, decoder = models.build_models(config, V)
     word_map = {f'w{i}': i for i in range(V)}
-    utils.save_checkpoint(tmp_path / 'c.pt', {'config': config, 'word_map': word_map,
+    checkpoint.save_checkpoint(tmp_path / 'c.pt', {'config': config, 'word_map': word_map,
                                               'encoder': encoder.state_dict(), 'decoder': decoder.state_dict()})
     raw = torch.load(tmp_path / 'c.pt', weights_only=True)       # no pickled code needed
-    enc2, dec2 = checkpoint.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'c.pt')))
+    enc2, dec2 = checkpoint.models_from_checkpoint(checkpoint.load_checkpoint(str(tmp_path / 'c.pt')))
     assert raw['config'] == config
     encoder.eval()
     decoder.eval()
@@ -265,7 +264,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 def test_tutorial_pickle_checkpoint_gets_a_clear_error(tmp_path):
     torch.save({'decoder': tiny_decoder(), 'epoch': 3}, tmp_path / 'tut.pth.tar')   # a pickled module
     with pytest.raises(ValueError, match='pickle whole modules'):
-        utils.load_checkpoint(str(tmp_path / 'tut.pth.tar'))
+        checkpoint.load_checkpoint(str(tmp_path / 'tut.pth.tar'))
 
 
 @pytest.mark.parametrize('name', ['efficientnet_lite0', 'efficientnet_lite2'])
@@ -283,8 +282,8 @@ def test_export_keeps_only_the_encoder_delta_and_checks_it(tmp_path, name):
     out = checkpoint.export(ckpt)
     assert out['encoder'] is None and list(out['encoder_delta']) == ['backbone.net._conv_head.weight']
     assert 'optimizer' not in out and all(v.dtype == torch.float16 for v in out['decoder'].values())
-    utils.save_checkpoint(tmp_path / 'e.pt', out)
-    enc2, dec2 = checkpoint.models_from_checkpoint(utils.load_checkpoint(str(tmp_path / 'e.pt')))
+    checkpoint.save_checkpoint(tmp_path / 'e.pt', out)
+    enc2, dec2 = checkpoint.models_from_checkpoint(checkpoint.load_checkpoint(str(tmp_path / 'e.pt')))
     for k, v in encoder.state_dict().items():
         assert torch.allclose(enc2.state_dict()[k].float(), v.float(), atol=1e-2 * float(v.abs().max()) + 1e-6), k
     tampered = dict(out, encoder_delta={'backbone.net._conv_head.weight':

@@ -1,4 +1,4 @@
-"""00_create_input_files.py and the readers/writers of datasets.py."""
+"""00_create_input_files.py, the pipeline of prepare.py and the readers of formats.py and datasets.py."""
 import json
 import os
 
@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import datasets
+import prepare
 from conftest import script
 
 prep = script('00_create_input_files')
@@ -95,9 +96,9 @@ def test_vocabulary_counts_train_only_with_strict_threshold(small_source, tmp_pa
 def test_encode_decode_round_trip():
     wm = {'<pad>': 0, 'a': 1, 'dog': 2, '<unk>': 3, '<start>': 4, '<end>': 5}
     rev = {v: k for k, v in wm.items()}
-    enc, n = datasets.encode_caption(['a', 'dog', 'flies'], wm, max_len=5)
+    enc, n = prepare.encode_caption(['a', 'dog', 'flies'], wm, max_len=5)
     assert enc == [4, 1, 2, 3, 5, 0, 0] and n == 5
-    assert datasets.decode_caption(enc, rev) == ['a', 'dog', '<unk>']
+    assert prepare.decode_caption(enc, rev) == ['a', 'dog', '<unk>']
 
 
 def test_sampling_is_deterministic_and_seeded(small_source, tmp_path):

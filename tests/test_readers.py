@@ -1,4 +1,4 @@
-"""The caption readers of datasets.py on fixtures written here: Flickr8k-CN and Flickr8k token files with
+"""The caption readers of formats.py on fixtures written here: Flickr8k-CN and Flickr8k token files with
 split lists, AI Challenger JSON, official COCO caption JSON, CSV with a BOM, non-UTF-8 files, duplicate
 rows, image paths that leave the image folder; and the tokenizer record 00 writes."""
 import json

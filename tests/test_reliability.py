@@ -16,7 +16,9 @@ import torch
 
 from conftest import REPO, TINY_MODEL, script
 
+import checkpoint
 import datasets
+import prepare
 import utils
 
 train = script('01_train')
@@ -117,7 +119,7 @@ def test_checkpoint_load_errors_are_one_plain_line(tmp_path, kind):
     else:
         path.write_bytes(content[kind])
     with pytest.raises(ValueError) as e:
-        utils.load_checkpoint(str(path))
+        checkpoint.load_checkpoint(str(path))
     msg = str(e.value)
     assert msg.startswith(f'{path}: ') and '\n' not in msg and '\x1b' not in msg
     assert not re.search(r'EOFError|IndexError|KeyError|pop from empty', msg)
@@ -157,7 +159,7 @@ def test_a_new_run_never_replaces_a_run_folder_with_a_checkpoint(synth_data, tmp
     assert old.read_bytes() == b'the interrupted run'
     (out / 'metrics.jsonl').write_text('{"epoch": 7}\n')
     assert train.main(train_args(folder, out, '--max-steps', '1', '--overwrite')) == 0
-    assert utils.load_checkpoint(str(old))['step'] == 1
+    assert checkpoint.load_checkpoint(str(old))['step'] == 1
     assert not (out / 'metrics.jsonl').exists()           # the old run's log went with it
 
 
@@ -389,6 +391,7 @@ PUBLISH_KILL = '''
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import datasets
+import prepare
 moves, real = [0], os.replace
 def replace(src, dst):   # kill -9 after {k} of the moves from the staging folder into the data folder
     if '.staging-' in src and '.staging-' not in dst:
@@ -398,7 +401,7 @@ def replace(src, dst):   # kill -9 after {k} of the moves from the staging folde
     real(src, dst)
 os.replace = replace
 records = datasets.read_karpathy({json!r}, {images!r})
-datasets.prepare_dataset(records, 'synthetic', {out!r}, min_word_freq=2, seed=1, workers=1)
+prepare.prepare_dataset(records, 'synthetic', {out!r}, min_word_freq=2, seed=1, workers=1)
 '''
 
 
@@ -420,7 +423,7 @@ def test_a_kill_while_publishing_leaves_a_set_every_reader_calls_incomplete(synt
     assert 'incomplete set' in one_error_line(capsys.readouterr().err)
     records = datasets.read_karpathy(os.path.join(source, 'synthetic_source', 'dataset_synthetic.json'),
                                      os.path.join(source, 'synthetic_source', 'images'))
-    datasets.prepare_dataset(records, 'synthetic', str(folder), min_word_freq=2, seed=1, workers=1)
+    prepare.prepare_dataset(records, 'synthetic', str(folder), min_word_freq=2, seed=1, workers=1)
     assert not list(folder.glob('.staging-*'))                              # the next run cleaned up
     assert len(datasets.CaptionDataset(str(folder), name, 'TEST')) == 30
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import utils
 from conftest import REPO, TINY_MODEL, script
 
@@ -79,7 +80,7 @@ def test_resuming_a_run_older_than_a_setting_keeps_what_it_did(synth_data, tiny_
         del ckpt['config'][key]
     old = tmp_path / 'old' / f'checkpoint_{name}.pt'
     old.parent.mkdir()
-    utils.save_checkpoint(old, ckpt)
+    checkpoint.save_checkpoint(old, ckpt)
     assert train.main(['--resume', str(old), '--epochs', '2']) == 0
     config = torch.load(old, weights_only=True)['config']
     assert (config['select_by'], config['val_no_repeat_ngram']) == ('BLEU-4', 0)
@@ -171,7 +172,7 @@ def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path)
     small = checkpoint.export(trained)
     assert small['config']['out_dir'] == os.path.basename(trained['config']['out_dir'])   # no machine paths ship
     assert not [v for v in small['config'].values() if isinstance(v, str) and os.path.isabs(v)]
-    utils.save_checkpoint(exported, small)
+    checkpoint.save_checkpoint(exported, small)
     folder, name = synth_data
     assert train.main(['--data-folder', folder, '--init-from', str(exported), '--epochs', '1', '--batch-size', '20',
                        '--workers', '0', '--out-dir', str(tmp_path / 'again')]) == 0
@@ -237,7 +238,7 @@ def test_efficientnet_lite2_trains_from_its_feature_cache_exports_and_captions(s
     saved = torch.load(best, weights_only=True)
     assert saved['config']['encoder'] == 'efficientnet_lite2' and saved['config']['encoded_image_size'] == 2
     small = tmp_path / 'small.pt'
-    utils.save_checkpoint(small, checkpoint.export(checkpoint.load(str(best))))
+    checkpoint.save_checkpoint(small, checkpoint.export(checkpoint.load(str(best))))
     exported = torch.load(small, weights_only=True)
     assert exported['encoder'] is not None and 'optimizer' not in exported
     image = datasets.CaptionDataset(folder, name, 'TEST').paths[0]

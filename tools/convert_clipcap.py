@@ -8,7 +8,7 @@ transformer_weights.pt, or what its train.py saved) into a checkpoint of this su
 
 The file is read with torch.load(weights_only=True) (no code runs). The GPT-2 attention-mask
 buffers older transformers saved ('gpt.transformer.h.N.attn.bias', '.attn.masked_bias') are
-dropped; 'clip_project.*' becomes the mapping network (checkpoint.convert_clipcap_state), whose
+dropped; 'clip_project.*' becomes the mapping network (clipcap.convert_clipcap_state), whose
 kind, prefix length, CLIP positions and layers are read from the weights. The LM (--lm) and CLIP
 ViT-B/32 (--encoder-weights) are loaded to build the models: local folders, or Hugging Face names
 (their cache when offline). With --freeze-lm (the paper's transformer variant) the GPT-2 weights
@@ -61,7 +61,7 @@ def read_original(path):
 
 def convert(state, lm=LM, encoder_weights=ENCODER_WEIGHTS, freeze_lm=False, data_folder='', data_name=''):
     """An original ClipCap state_dict -> a format-2 checkpoint dict of this suite."""
-    converted, settings = checkpoint.convert_clipcap_state(state)
+    converted, settings = clipcap.convert_clipcap_state(state)
     word_map, tokenizer = dict(NO_DATA_WORD_MAP), text.DEFAULT_TOKENIZER
     if data_folder:
         data_name = data_name or utils.find_data_name(data_folder)
@@ -111,7 +111,7 @@ def main(argv=None):
     try:
         out = convert(read_original(args.original), args.lm, args.encoder_weights, args.freeze_lm, args.data_folder,
                       args.data_name)
-        utils.save_checkpoint(args.out, out)
+        checkpoint.save_checkpoint(args.out, out)
     except (OSError, ValueError, ImportError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1

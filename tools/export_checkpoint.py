@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument('--fp32', action='store_true', help='keep fp32 weights')
     args = p.parse_args(argv)
     out = checkpoint.export(checkpoint.load(args.checkpoint), fp16=not args.fp32)
-    utils.save_checkpoint(args.out, out)
+    checkpoint.save_checkpoint(args.out, out)
     n_delta = len(out.get('encoder_delta') or {})
     print(f"wrote {args.out} ({utils.format_size(os.path.getsize(args.out))}; encoder: "
           f"{'whole' if out.get('encoder') else f'{n_delta} entries differing from its pretrained weights'})")
