@@ -22,7 +22,6 @@ Files that cannot be decoded are skipped with a warning; when no image has a cap
 status is 1. The output folder is checked for writing before any captioning.
 """
 import argparse
-import csv
 import os
 import sys
 import time

@@ -4,9 +4,10 @@
 
 Rows: an AMP training step (an epoch of a 48-image synthetic set, then validation) for every decoder
 in bf16 and in fp16 (with its GradScaler; fp16 is forced by reporting no bf16 support), training on
-images with --compile, self-critical training, DDP over NCCL with torchrun on the GPUs present (two
-or more; with one it is a skip), feature caching and batched inference (02_inference.py, batch 64)
-with their images/s, evaluation, and the web server answering a photo on the GPU. Any failure makes
+images with --compile, with a fine-tuned encoder, self-critical training, DDP over NCCL with torchrun
+on the GPUs present (two or more, each caching its share of the features; with one it is a skip),
+feature caching and batched inference (02_inference.py, batch 64) with their images/s, 02 under
+torchrun (two or more GPUs), evaluation, and the web server answering a photo on the GPU. Any failure makes
 the exit status 1; without a CUDA GPU it says so in one line and exits 2. Not part of `make test`.
 The tiny models are random (sizes of the tests); the throughput rows use the provided Lite0 encoder
 and the provided pair of checkpoints, over hard links to the sample photos.
@@ -119,6 +120,29 @@ def ddp(work, data):
     if done.returncode:
         raise RuntimeError((done.stderr.strip().splitlines() or ['torchrun failed'])[-1])
     return f'{gpus} processes, ' + finite_losses(run)
+
+
+def sharded_inference(work, photos):
+    """02_inference.py under torchrun, one process per GPU (NCCL), then its merged captions counted."""
+    import torch
+    gpus = torch.cuda.device_count()
+    if gpus < 2 or DEVICE[0] != 'cuda':
+        raise Skip(f'{gpus} GPU: sharded inference needs two or more')
+    out = os.path.join(work, 'sharded')
+    lite0 = os.path.join(REPO, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}',
+           os.path.join(REPO, '02_inference.py'), '--img', photos, '--out', out, '--batch-size', '64',
+           '--workers', WORKERS, '--checkpoint', lite0, '--overwrite']
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError((done.stderr.strip().splitlines() or ['torchrun failed'])[-1])
+    with open(os.path.join(out, 'captions.jsonl')) as f:
+        count = sum(1 for _ in f)
+    if count != THROUGHPUT_IMAGES:
+        raise RuntimeError(f'{count} captions for {THROUGHPUT_IMAGES} photos')
+    return f'{gpus} processes, {count} captions merged, {seconds:.0f} s with start-up (Lite0)'
 
 
 def linked_photos(folder, n):
@@ -270,12 +294,15 @@ def main(argv=None):
         check('train images --compile', train, work, data, 'compile', '--amp', '--compile', '--no-cache-features',
               *decoder_flags('sat'))
         best = os.path.join(work, 'runs', 'sat_bf16', f'BEST_checkpoint_{_name(data)}.pt')
+        check('train --fine-tune-encoder', train, work, data, 'finetune', '--amp', '--fine-tune-encoder',
+              *decoder_flags('sat'))
         check('train scst', train, work, data, 'scst', '--amp', '--objective', 'scst', '--init-from', best,
               '--scst-samples', '2', model=['--workers', '2', '--log-every', '1'])
         check('DDP nccl (torchrun)', ddp, work, data)
         photos = linked_photos(work, THROUGHPUT_IMAGES)
         check('feature caching batch 64', feature_caching, work, photos)
         check('inference batch 64', inference, work, photos)
+        check('inference torchrun (nccl)', sharded_inference, work, photos)
         check('evaluation', evaluation, work, data)
         check('server', server, work)
     finally:
