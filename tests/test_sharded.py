@@ -1,7 +1,9 @@
 """torchrun on CPU (gloo): 2 processes give what 1 gives, for 02_inference.py (captions.jsonl, byte for
-byte), 03_evaluate.py (the scores) and the feature cache (the file, byte for byte)."""
+byte), 03_evaluate.py (the scores) and the feature cache (the file, byte for byte; and as 01_train.py
+builds it)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +67,26 @@ def test_two_process_feature_cache_is_byte_identical(synth_data, tmp_path):
     torchrun(tmp_path, os.path.join(REPO, 'tests', 'cache_worker.py'), folder, name, 'TRAIN', two, 8)
     assert ds.num_images == 48 and two.read_bytes() == one.read_bytes()
     assert not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
+
+
+def test_two_process_training_caches_the_features_one_process_would(synth_data, tmp_path):
+    """01_train.py under torchrun: both ranks encode into the caches; the files are those of one process."""
+    folder, _ = synth_data
+    flags = ['--encoder', 'resnet18', '--encoder-weights', 'none', '--image-size', '64', '--encoded-image-size', '2',
+             '--emb-dim', '16', '--attention-dim', '16', '--decoder-dim', '32', '--workers', '0', '--epochs', '1',
+             '--max-steps', '1', '--cache-features']
+    caches = {}
+    for runs in ('one', 'two'):
+        data = tmp_path / f'data_{runs}'
+        shutil.copytree(folder, data, ignore=shutil.ignore_patterns('features'))
+        args = ['--data-folder', data, '--out-dir', tmp_path / f'run_{runs}', *flags]
+        if runs == 'one':
+            assert script('01_train').main(list(map(str, args))) == 0
+        else:
+            dump = tmp_path / 'dump'
+            dump.mkdir()
+            stdout = torchrun(tmp_path, os.path.join(REPO, 'tests', 'ddp_worker.py'), dump, *args)
+            assert stdout.count('features of 48 images with the frozen resnet18 on 2 processes') == 1   # TRAIN
+        caches[runs] = {p.name: p.read_bytes() for p in (data / 'features').iterdir()}
+    assert sorted(caches['one']) == sorted(caches['two']) and len(caches['one']) == 2   # TRAIN and VAL
+    assert caches['one'] == caches['two']
