@@ -112,9 +112,10 @@ def ddp(work, data):
     gpus = torch.cuda.device_count()
     if gpus < 2 or DEVICE[0] != 'cuda':
         raise Skip(f'{gpus} GPU: NCCL DDP needs two or more (one process per GPU)')
-    run = os.path.join(work, 'runs', 'ddp')
+    run, fresh = os.path.join(work, 'runs', 'ddp'), os.path.join(work, 'data_ddp')   # no cache yet: every
+    shutil.copytree(data, fresh, ignore=shutil.ignore_patterns('features'))         # rank encodes its share
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}',
-           os.path.join(REPO, '01_train.py'), '--data-folder', data, '--out-dir', run, '--epochs', '1',
+           os.path.join(REPO, '01_train.py'), '--data-folder', fresh, '--out-dir', run, '--epochs', '1',
            '--batch-size', '20', '--device', DEVICE[0], '--amp', *TINY, *decoder_flags('sat')]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if done.returncode:
