@@ -33,6 +33,7 @@ from tqdm import tqdm
 import checkpoint
 import curves
 import datasets
+import sharding
 import text
 import utils
 import caption
@@ -484,19 +485,14 @@ class Trainer(Objective, Validation, RunFolder):
         return {'max_len': max(lengths) - 1}
 
     def _feature_caches(self, transform):
-        """Build (on the main process) or find the fp16 feature caches of TRAIN and VAL."""
+        """Build (every process its share) or find the fp16 feature caches of TRAIN and VAL."""
         caches = {}
         for split in ('TRAIN', 'VAL'):
             ds = datasets.CaptionDataset(self.config['data_folder'], self.config['data_name'], split, transform,
                                          per_image=True)
             path = datasets.feature_cache_path(ds, self.encoder)
-            if self.main and not os.path.exists(path):
-                self.log(f'caching {split} features of {ds.num_images} images with the frozen {self.encoder.name} '
-                         f'-> {path}')
-                datasets.build_feature_cache(self.encoder, ds, path, self.device, batch_size=32,
-                                             workers=self.config['workers'])
-            utils.barrier()
-            caches[split] = datasets.FeatureCache(path)
+            caches[split] = sharding.ensure_feature_cache(self.encoder, ds, path, self.device, self.rank, self.world,
+                                                          batch_size=32, workers=self.config['workers'], log=self.log)
         return caches
 
     def run(self):

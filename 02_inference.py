@@ -5,19 +5,29 @@
     python 02_inference.py --img photos/ --checkpoint runs/.../BEST_checkpoint_....pt
     python 02_inference.py --img a.jpg b.jpg more_photos/     # several files and folders
 
-A folder is searched recursively for jpg/jpeg/png/bmp/webp files (any letter case). Writes
-captions.json and captions.csv (image, caption, score) to --out and prints them; --visualize also
-saves one attention figure per image (the image, then each word with where the model looked).
-Files that cannot be decoded are skipped with a warning and listed at the end; when none can be,
-the exit status is 1. The output folder is checked for writing before any captioning.
+    torchrun --nproc_per_node=4 02_inference.py --img big/ --out out/   # shared over 4 processes/GPUs
+
+A folder is searched recursively for jpg/jpeg/png/bmp/webp files (any letter case). Each batch's
+captions are appended to captions.jsonl in --out as they come (image, caption, score, finished), and
+at the end captions.json and captions.csv are written from it and printed; --visualize also saves one
+attention figure per image as its batch is done (the image, then each word with where the model looked).
+Memory stays flat however many images there are.
+
+Running the same command again continues an interrupted run: images already in captions.jsonl are
+skipped, so a kill loses at most the batch in flight. A run with other settings (checkpoint, beam
+size, decoding flags) refuses to add to an old captions.jsonl; --overwrite starts over. Under
+torchrun each process captions its share (whole batches of the image list) into its own part file,
+and the last step merges them into captions.jsonl in the order one process would have written.
+Files that cannot be decoded are skipped with a warning; when no image has a caption, the exit
+status is 1. The output folder is checked for writing before any captioning.
 """
 import argparse
-import csv
 import os
 import sys
 import time
 
 import caption
+import streaming
 import text
 import utils
 from datasets import list_images, load_image
@@ -63,7 +73,20 @@ def parse_args(argv=None):
     p.add_argument('--visualize', action=argparse.BooleanOptionalAction, default=VISUALIZE,
                    help='save attention figures (default: %(default)s)')
     p.add_argument('--device', default=DEVICE, help='auto, cpu or cuda (default: %(default)s)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start over: remove the captions an earlier run left in --out instead of continuing it')
     return p.parse_args(argv)
+
+
+# Flags that change the captions: a run with other values refuses to add to an earlier run's captions.jsonl
+SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_len', 'allow_unk', 'precision')
+
+
+def run_settings(args):
+    """What makes the captions what they are (stored in captions.settings.json next to captions.jsonl)."""
+    word_map = {'word_map': streaming.file_settings([args.word_map])} if args.word_map else {}
+    return {'checkpoint': streaming.file_settings(caption.checkpoint_paths(args.checkpoint)), **word_map,
+            **{k: getattr(args, k) for k in SETTING_FLAGS if hasattr(args, k)}}
 
 
 # flag -> (lowest allowed value, how it is meant); checked before any work
@@ -88,66 +111,89 @@ def main(argv=None):
         paths = list_images(args.img)
         if not paths:
             raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
-        device = utils.get_device(args.device)
+        rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
+        run = streaming.Run(args.out, run_settings(args), rank, world, args.overwrite)
+        todo = run.open(paths, args.batch_size)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
-    if caption.provided_note(args.checkpoint):
+    if rank == 0 and caption.provided_note(args.checkpoint):
         print(f'note: {caption.provided_note(args.checkpoint)}', file=sys.stderr)
+    log = os.path.join(args.out, streaming.JSONL)
+    if run.skipped and rank == 0:
+        print(f'resuming: {run.skipped} of {len(paths)} image(s) already have a caption in {log}; skipped '
+              '(--overwrite starts over)')
+    draw = args.visualize and decoder.has_attention
+    if args.visualize and not draw and rank == 0:
+        print(f"note: --visualize draws attention maps, and the {config['decoder']} decoder has no attention: "
+              'no figures written')
+    names = figure_names(paths) if draw else {}
     start = time.time()
-    results, failures = caption.caption_paths(
-        encoder, decoder, word_map, paths, (args.beam_size,), args.batch_size, args.workers, device,
-        max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-        min_len=args.min_len, allow_unk=args.allow_unk)
+    failures, captioned, figures, error = [], 0, 0, None
+    progress = streaming.Progress(len(todo), 'captioning' if world == 1 else f'captioning (rank {rank} of {world})')
+    try:
+        for indices, hyps, bad in caption.caption_batches(
+                encoder, decoder, word_map, todo, (args.beam_size,), args.batch_size, args.workers, device,
+                max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
+                min_len=args.min_len, allow_unk=args.allow_unk):
+            failures += [(todo[i], err) for i, err in bad]
+            hyps = hyps.get(args.beam_size, [])
+            records = [{'image': todo[i], 'caption': text.join_words(hyp['words'], tokenizer),
+                        'score': round(hyp['score'], 4), 'finished': hyp['finished']} for i, hyp in zip(indices, hyps)]
+            try:   # figures first: a kill before the captions are appended redoes the batch, figures included
+                for i, hyp in zip(indices, hyps) if draw else ():
+                    words = hyp['words'] + (['<end>'] if hyp['finished'] else [])
+                    caption.save_attention_figure(load_image(todo[i]), words, hyp['alphas'],
+                                                  os.path.join(args.out, names[todo[i]]))
+                    figures += 1
+            finally:   # a figure that does not fit (disk full) still leaves the batch's captions written
+                run.append(records)
+                captioned += len(records)
+                for record in records:
+                    progress.write(f"{record['image']}: {record['caption']}")
+                for i, hyp in zip(indices, hyps):
+                    if not hyp['words']:
+                        print(f"warning: {todo[i]}: empty caption: {caption.empty_reason(hyp)}", file=sys.stderr)
+            progress.update(len(indices) + len(bad))
+    except OSError as e:   # disk full, file-size limit, a folder made read-only meanwhile: the summary still comes
+        error = utils.describe_error(e)
+    finally:
+        progress.close()
     seconds = time.time() - start
-    rows = []
-    for path, res in zip(paths, results):
-        if res is not None:
-            hyp = res[args.beam_size]
-            rows.append({'image': path, 'caption': text.join_words(hyp['words'], tokenizer), 'score': round(hyp['score'], 4),
-                         'finished': hyp['finished']})
-            print(f"{path}: {rows[-1]['caption']}")
-            if not hyp['words']:
-                print(f'warning: {path}: empty caption: {caption.empty_reason(hyp)}', file=sys.stderr)
     for path, err in failures:
         print(f'warning: skipped {path}: {err}', file=sys.stderr)
-    if not rows:
+    try:
+        total, failed = run.finish(paths, failed=error is not None)
+        if failed and not error:
+            error = 'another process of this torchrun failed (see its error)'
+    except (OSError, ValueError) as e:
+        total, error = None, error or utils.describe_error(e)
+    print(f"\n{captioned} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
+          f"checkpoint {caption.checkpoint_label(args.checkpoint)}"
+          f"{f', process {rank} of {world}' if world > 1 else ''}); {len(failures)} skipped"
+          f"{f'; {run.skipped} captioned before' if run.skipped else ''}.")
+    if error:
+        print(f"error: {error}{f' ({figures} attention figure(s) written)' if args.visualize else ''}; "
+              f'the captions so far are kept: run the same command again to continue', file=sys.stderr)
+        return 1
+    if total is None:   # a rank other than 0: rank 0 merges and writes the outputs
+        return 0
+    if total == 0:
         print(f'error: none of the {len(paths)} image(s) could be decoded (see the warnings above); nothing written',
               file=sys.stderr)
         return 1
-    figures, error = 0, None
-    try:
-        utils.write_json(os.path.join(args.out, 'captions.json'), rows, indent=1)
-        with utils.atomic_path(os.path.join(args.out, 'captions.csv')) as tmp:
-            with open(tmp, 'w', newline='', encoding='utf-8') as f:
-                writer = csv.DictWriter(f, fieldnames=['image', 'caption', 'score', 'finished'])
-                writer.writeheader()
-                writer.writerows(rows)
-        if args.visualize and not decoder.has_attention:
-            print(f"note: --visualize draws attention maps, and the {config['decoder']} decoder has no attention: "
-                  'no figures written')
-        elif args.visualize:
-            used = set()
-            for path, res in zip(paths, results):
-                if res is not None:
-                    hyp = res[args.beam_size]
-                    words = hyp['words'] + (['<end>'] if hyp['finished'] else [])
-                    caption.save_attention_figure(load_image(path), words, hyp['alphas'],
-                                                  os.path.join(args.out, caption.figure_name(path, used)))
-                    figures += 1
-    except OSError as e:   # disk full, file-size limit, a folder made read-only meanwhile: the summary still comes
-        error = utils.describe_error(e)
-    print(f"\n{len(rows)} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
-          f"checkpoint {caption.checkpoint_label(args.checkpoint)}); {len(failures)} skipped. "
-          f"Outputs: {os.path.abspath(args.out)}"
-          f"{' (captions.json, captions.csv, *_attention.png)' if args.visualize and decoder.has_attention else ' (captions.json, captions.csv)'}")
-    if error:
-        print(f"error: {error}{f' ({figures} attention figure(s) written)' if args.visualize else ''}",
-              file=sys.stderr)
-        return 1
+    print(f"{total} caption(s) in {os.path.abspath(args.out)} (captions.jsonl, captions.json, captions.csv"
+          f"{', *_attention.png' if draw else ''})")
     return 0
+
+
+def figure_names(paths):
+    """image path -> its attention figure's name, unique over the whole list (so the same on every
+    process and in every resumed run)."""
+    used = set()
+    return {path: caption.figure_name(path, used) for path in paths}
 
 
 if __name__ == '__main__':

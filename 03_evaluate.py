@@ -8,7 +8,9 @@
 
 Each image is captioned once per beam size (the encoder runs once per image) and scored against
 every raw reference sentence it has: BLEU-1..4 with nltk always; BLEU-1..4, METEOR, ROUGE-L and
-CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. Next to the scores, per beam
+CIDEr with the COCO caption toolkit (pycocoevalcap, Java) when installed. Under torchrun
+(`torchrun --nproc_per_node=N 03_evaluate.py ...`) each process captions its share of the images and
+the first one scores them all, once. Next to the scores, per beam
 size, the repetition and diversity of the captions (metrics.diversity_scores): the share that repeat
 a word trigram, the distinct words used, the share of distinct captions, the mean length; and the share
 of bad endings (metrics.bad_ending_rate: the caption's last word ends under 2% of its occurrences in
@@ -27,6 +29,7 @@ import caption
 import datasets
 import formats
 import metrics
+import sharding
 import text
 import utils
 
@@ -156,7 +159,7 @@ def main(argv=None):
         check_args(args)
         paths, refs, split = split_images(args)
         train_refs, no_endings = train_references(args)
-        device = utils.get_device(args.device)
+        rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
@@ -170,11 +173,13 @@ def main(argv=None):
     print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
           f'beam sizes {args.beam_sizes}, {device}')
     start = time.time()
-    results, failures = caption.caption_paths(
-        encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
+    results, failures = sharding.caption_paths(
+        encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device, rank, world,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
         min_len=args.min_len, allow_unk=args.allow_unk)
     seconds = time.time() - start
+    if results is None:   # another torchrun process: the first scores every share
+        return 0
     for path, err in failures:
         print(f'warning: skipped {path}: {err}', file=sys.stderr)
     scored = [i for i, r in enumerate(results) if r is not None]

@@ -24,6 +24,12 @@ test: $(STAMP)
 clean:
 	rm -rf outputs/demo
 
+# Every CUDA path in one table (AMP bf16/fp16 per decoder, --compile, NCCL DDP, caching, inference, server):
+# a few minutes on one GPU; exits 2 without CUDA. Never part of `make test`.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
+
 # Reproduce the provided checkpoints and their ensemble, the scripts' default (recipe and ablations in
 # checkpoints/README.md): `make flickr8k-checkpoint` trains both members, then scores the pair on VAL.
 # One member: `make flickr8k-member FLICKR8K_ENCODER=efficientnet_lite0` (or efficientnet_lite2), two

@@ -93,14 +93,15 @@ def main(argv=None):
     os.makedirs(shown, exist_ok=True)
     for p in paths[:6]:
         shutil.copy(p, shown)
-    if infer.main(['--img', shown, '--checkpoint', best, '--out', os.path.join(out, 'attention'), '--visualize']) != 0:
+    if infer.main(['--img', shown, '--checkpoint', best, '--out', os.path.join(out, 'attention'), '--visualize',
+                   '--overwrite']) != 0:   # a new model each time: not a continuation of the last demo's captions
         return 1
 
     step('5/5 the provided Flickr8k checkpoints (an ensemble, the default) on the bundled sample photos')
     samples = os.path.join(caption.REPO_DIR, 'assets', 'samples')
     if all(os.path.exists(p) for p in caption.DEFAULT_CHECKPOINTS) and have_lite0() and have_lite2():
         if infer.main(['--img', samples, '--checkpoint', *caption.DEFAULT_CHECKPOINTS, '--beam-size', '3',
-                       '--out', os.path.join(out, 'samples'), '--visualize']) != 0:
+                       '--out', os.path.join(out, 'samples'), '--visualize', '--overwrite']) != 0:
             return 1
     else:
         print(f"skipped: needs {' and '.join(caption.DEFAULT_CHECKPOINTS)} and the EfficientNet-Lite0/Lite2 extras")

@@ -54,7 +54,8 @@ def main(argv=None):
         raise SystemExit('--runs must be at least 1')
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(REPO, '02_inference.py'), '--img', args.img, '--out', out,
-               '--device', 'cpu', *(['--checkpoint', *args.checkpoint] if args.checkpoint else [])]
+               '--device', 'cpu', '--overwrite',   # each run captions anew (the same --out would resume: nothing to do)
+               *(['--checkpoint', *args.checkpoint] if args.checkpoint else [])]
         wall(cmd)   # warm the page cache (files and libraries), as a second use of the command would find it
         load_before = os.getloadavg()[0]
         command, cpu = zip(*[wall(cmd) for _ in range(args.runs)])

@@ -104,3 +104,21 @@ def test_bench_tutorial_one_round_against_the_tutorials_code():
         assert 0 <= f[key]['identical_tutorial_vs_ours'] <= 2
     assert f['decode']['identical_ours_batch1_vs_batched'] == 2
     assert any('//' in p['with'] for p in r['patches']) and {'torch', 'threads', 'device'} <= set(r)
+
+
+def test_gpu_check_refuses_cleanly_without_cuda():
+    """Without a CUDA GPU (as here; CUDA_VISIBLE_DEVICES='' hides any) it says so in one line, exit 2."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'gpu_check.py')], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+    assert done.returncode == 2 and done.stdout == ''
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith('gpu-check: no CUDA GPU visible') and 'Traceback' not in done.stderr
+
+
+def test_bench_scale_small(tmp_path):
+    """Tiny sizes: 00 on a COCO-shaped JSON, 02 at two sizes, the resume check after a kill -9."""
+    r = bench('bench_scale.py', '--distinct', '2', '--prep-sizes', '300', '--infer-sizes', '20', '40',
+              '--resume-images', '120', '--batch-size', '4')
+    assert r['prep'][0]['images'] == 300 and r['prep'][0]['seconds'] > 0 and r['prep'][0]['peak_rss_mb'] > 0
+    assert [row['captions'] for row in r['infer']] == [20, 40] and r['infer_rss_growth_mb_per_1000_images'] is not None
+    assert r['resume']['every_image_once'] and r['resume']['captions_after'] == 120

@@ -301,7 +301,7 @@ def test_inference_flags_are_range_checked(tiny_checkpoint, tmp_path, capsys, fl
 
 def test_inference_checks_the_output_place_before_captioning(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / 'a_file').write_text('')
-    monkeypatch.setattr(infer.caption, 'caption_paths', lambda *a, **k: pytest.fail('captioned first'))
+    monkeypatch.setattr(infer.caption, 'caption_batches', lambda *a, **k: pytest.fail('captioned first'))
     rc = infer.main(['--img', str(photos(tmp_path / 'a')), '--checkpoint', tiny_checkpoint,
                      '--out', str(tmp_path / 'a_file' / 'out')])
     assert rc == 1
@@ -347,7 +347,8 @@ def test_a_full_disk_during_inference_is_one_line_after_the_summary(tiny_checkpo
     line = one_error_line(done.stderr)
     assert 'the file-size limit was reached' in line and '0 attention figure(s) written' in line
     assert len(json.load(open(out / 'captions.json'))) == 2
-    assert sorted(os.listdir(out)) == ['captions.csv', 'captions.json']   # no partial figure or temp file
+    assert sorted(os.listdir(out)) == ['captions.csv', 'captions.json', 'captions.jsonl',   # no partial figure
+                                       'captions.settings.json']                           # or temp file
 
 
 # ----------------------------------------------------------------------------------------------
