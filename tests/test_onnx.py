@@ -41,7 +41,7 @@ def tiny_checkpoint(name, path, seed=0):
         if hasattr(decoder, 'embedding'):
             decoder.embedding.weight.mul_(20)
     config['decoder_args'] = decoder.args()
-    utils.save_checkpoint(path, {'format': checkpoint.FORMAT, 'config': config, 'word_map': word_map,
+    checkpoint.save_checkpoint(path, {'format': checkpoint.FORMAT, 'config': config, 'word_map': word_map,
                                  'encoder': encoder.state_dict(), 'decoder': decoder.state_dict()})
     return str(path)
 
@@ -110,7 +110,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert err.startswith('error: ') and err.count('\n') == 1 and 'missing.pt' in err
     ckpt = torch.load(tiny_checkpoint('sat', tmp_path / 'c.pt'), weights_only=True)
     ckpt['config']['decoder'] = 'clipcap'
-    utils.save_checkpoint(tmp_path / 'clip.pt', ckpt)
+    checkpoint.save_checkpoint(tmp_path / 'clip.pt', ckpt)
     assert export_onnx.main([str(tmp_path / 'clip.pt'), str(tmp_path / 'out')]) == 1
     err = capsys.readouterr().err
     assert err == ('error: the clipcap decoder does not export to ONNX yet; these do: sat, dot_attention, show_tell, '
