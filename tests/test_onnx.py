@@ -12,7 +12,6 @@ import checkpoint
 import decoders
 import models
 import onnx_captioner
-import utils
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
