@@ -18,6 +18,7 @@ import sys
 import time
 
 import caption
+import quantize
 import text
 import utils
 from datasets import list_images, load_image
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument('--visualize', action=argparse.BooleanOptionalAction, default=VISUALIZE,
                    help='save attention figures (default: %(default)s)')
     p.add_argument('--device', default=DEVICE, help='auto, cpu or cuda (default: %(default)s)')
+    quantize.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -86,6 +88,7 @@ def main(argv=None):
             raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
@@ -131,7 +134,7 @@ def main(argv=None):
                     figures += 1
     except OSError as e:   # disk full, file-size limit, a folder made read-only meanwhile: the summary still comes
         error = utils.describe_error(e)
-    print(f"\n{len(rows)} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
+    print(f"\n{len(rows)} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, {precision}, "
           f"checkpoint {caption.checkpoint_label(args.checkpoint)}); {len(failures)} skipped. "
           f"Outputs: {os.path.abspath(args.out)}"
           f"{' (captions.json, captions.csv, *_attention.png)' if args.visualize and decoder.has_attention else ' (captions.json, captions.csv)'}")

@@ -23,6 +23,7 @@ import time
 import caption
 import datasets
 import metrics
+import quantize
 import text
 import utils
 
@@ -78,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument('--metrics', choices=('auto', 'coco', 'nltk'), default=METRICS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='metrics.json path')
     p.add_argument('--device', default=DEVICE, help='(default: %(default)s)')
+    quantize.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -135,6 +137,7 @@ def main(argv=None):
         paths, refs, split = split_images(args)
         device = utils.get_device(args.device)
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
+        decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':
@@ -145,7 +148,7 @@ def main(argv=None):
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
     print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
-          f'beam sizes {args.beam_sizes}, {device}')
+          f'beam sizes {args.beam_sizes}, {device}, decoder {precision}')
     start = time.time()
     results, failures = caption.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device,
@@ -169,7 +172,7 @@ def main(argv=None):
     if args.out:
         try:
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
-                                        'checkpoint': caption.checkpoint_label(args.checkpoint),
+                                        'checkpoint': caption.checkpoint_label(args.checkpoint), 'precision': precision,
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)

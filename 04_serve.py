@@ -32,6 +32,7 @@ import time
 import warnings
 
 import caption
+import quantize
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
@@ -49,6 +50,7 @@ BATCH_WAIT_MS = 5.0                        # how long the first request of a bat
 MAX_QUEUE = 256                            # requests waiting for the model beyond this get 503
 DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
+PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (quantize.py)
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
 PAGE = os.path.join(caption.REPO_DIR, 'web', 'index.html')       # the page served at /
 EXTRAS = ('fastapi', 'uvicorn', 'python_multipart')                   # import names of the optional extras
@@ -176,7 +178,7 @@ class Batcher:
 class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
-    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM):
+    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM, precision='auto'):
         import torch
 
         import datasets
@@ -184,6 +186,7 @@ class Captioner:
         self.torch = torch
         self.device = utils.get_device(device)
         self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device)
+        self.decoder, self.precision = quantize.apply_precision(self.decoder, precision, self.device)   # once
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
         self.transform = datasets.image_transform(self.encoder)
         self.has_attention = getattr(self.decoder, 'has_attention', True)
@@ -290,7 +293,8 @@ class _Guard:
 def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_beam_size=MAX_BEAM_SIZE,
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
-               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM):
+               samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM,
+               precision=PRECISION):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -307,7 +311,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
         raise ValueError(f'--beam-size must be between 1 and --max-beam-size ({max_beam_size}), got {beam_size}')
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
-    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram)
+    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, precision)
     batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
@@ -369,7 +373,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     @app.get('/healthz', summary='Liveness: the model is loaded and the worker is reachable')
     async def healthz():
         return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True),
-                'device': str(captioner.device),
+                'device': str(captioner.device), 'precision': captioner.precision,
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
                 'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches}
 
@@ -425,6 +429,7 @@ def parse_args(argv=None):
     p.add_argument('--decode-workers', type=int, default=DECODE_WORKERS, help='(default: %(default)s)')
     p.add_argument('--device', default=DEVICE, help='cpu, cuda or auto (default: %(default)s)')
     p.add_argument('--samples', default=SAMPLES, help='folder of sample photos the page offers (default: %(default)s)')
+    quantize.add_argument(p, PRECISION)
     return p.parse_args(argv)
 
 
@@ -440,7 +445,7 @@ def main(argv=None):
         app = create_app(args.checkpoint, args.device, args.beam_size, args.max_beam_size, args.max_upload_mb,
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
                          args.length_norm, args.samples, decode_workers=args.decode_workers,
-                         no_repeat_ngram=args.no_repeat_ngram)
+                         no_repeat_ngram=args.no_repeat_ngram, precision=args.precision)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
