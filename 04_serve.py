@@ -13,8 +13,8 @@ GET /healthz says whether the model is loaded; GET /docs and /openapi.json descr
 Concurrent requests are gathered (up to --max-batch requests, or --batch-wait-ms after the first)
 into one batched beam search in a single worker thread; the beam search is batch-invariant, so a
 caption is the same whether its request was batched or alone. Bad input is a 4xx with a JSON
-`detail`: not an image 415, over --max-upload-mb 413 (refused as the body streams in, never read
-whole), more than --max-megapixels or a decompression bomb 413, beam size out of range 422.
+`detail`: not an image 415, over --max-upload-mb 413 (refused as the body streams in, never stored;
+the rest is read and discarded, up to DRAIN_MB more, so that every client sees the answer), more than --max-megapixels or a decompression bomb 413, beam size out of range 422.
 
 Needs the optional extras (FastAPI, uvicorn, python-multipart): pip install -r requirements-extras.txt
 """
@@ -39,6 +39,7 @@ CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ense
 HOST = '127.0.0.1'                         # 0.0.0.0 to accept other machines (there is no authentication)
 PORT = 8000
 MAX_UPLOAD_MB = 20                         # request bodies above this many MiB are refused with 413
+DRAIN_MB = 64                              # ... after reading and discarding up to this many MiB more (see _Guard)
 MAX_MEGAPIXELS = 50                        # images with more pixels are refused (decompression bombs too)
 BEAM_SIZE = 3                              # default beam size of a request (1 = greedy)
 MAX_BEAM_SIZE = 10                         # a request may ask for 1..MAX_BEAM_SIZE
@@ -229,19 +230,37 @@ class Captioner:
 
 class _Guard:
     """ASGI middleware: refuses request bodies over `max_bytes` with 413 as they stream in (from
-    Content-Length up front, else by counting), and logs one line per request."""
+    Content-Length up front, else by counting), and logs one line per request.
 
-    def __init__(self, app, max_bytes):
+    The rest of a refused body is read and thrown away (never stored) up to `drain_bytes` in all
+    before the 413 is sent: a client that sends its whole body before reading the answer (Python's
+    urllib, requests, httpx, browsers) would otherwise find the connection closed under it
+    (connection reset, broken pipe) and never see the message. A body larger than that is cut off
+    without reading on."""
+
+    def __init__(self, app, max_bytes, drain_bytes=None):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = max_bytes + DRAIN_MB * 2**20 if drain_bytes is None else drain_bytes
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
             return await self.app(scope, receive, send)
         import json
-        start, state = time.perf_counter(), {'status': 0, 'received': 0, 'too_large': False, 'started': False}
+        start, state = time.perf_counter(), {'status': 0, 'received': 0, 'too_large': False, 'started': False,
+                                             'more': True}
         limit_msg = json.dumps({'detail': f'the upload is larger than the {self.max_bytes / 2**20:g} MiB limit'}).encode()
 
-        async def refuse():
+        async def drain(more):
+            """Read and discard the body's remaining messages (more: whether any are left)."""
+            while more and state['received'] <= self.drain_bytes:
+                message = await receive()
+                if message['type'] != 'http.request':
+                    return
+                state['received'] += len(message.get('body', b''))
+                more = message.get('more_body', False)
+
+        async def refuse(more=True):
+            await drain(more)
             state['status'], state['started'] = 413, True
             await send({'type': 'http.response.start', 'status': 413,
                         'headers': [(b'content-type', b'application/json'), (b'connection', b'close'),
@@ -255,14 +274,15 @@ class _Guard:
             if message['type'] == 'http.request':
                 state['received'] += len(message.get('body', b''))
                 if state['received'] > self.max_bytes:
-                    state['too_large'] = True         # stop reading; the parser sees a disconnect
+                    state['too_large'] = True         # stop parsing; the parser sees a disconnect
+                    state['more'] = message.get('more_body', False)
                     return {'type': 'http.disconnect'}
             return message
 
         async def guarded_send(message):
             if state['too_large']:                   # whatever the app answers, the client gets 413
                 if not state['started']:
-                    await refuse()
+                    await refuse(state['more'])
                 return
             if message['type'] == 'http.response.start':
                 state['status'], state['started'] = message['status'], True
@@ -274,8 +294,8 @@ class _Guard:
         except ValueError:
             declared = 0
         try:
-            if declared > self.max_bytes:
-                await refuse()                       # not a byte of the body is read
+            if declared > self.max_bytes:             # the body is drained, not parsed nor kept
+                await refuse(more=declared <= self.drain_bytes)
             else:
                 try:
                     await self.app(scope, limited_receive, guarded_send)
@@ -283,7 +303,7 @@ class _Guard:
                     if not state['too_large']:
                         raise
                 if state['too_large'] and not state['started']:
-                    await refuse()
+                    await refuse(state['more'])
         finally:
             client = scope.get('client') or ('-', 0)
             log.info('%s %s %s %d %.1f ms %d bytes', client[0], scope['method'], scope['path'], state['status'],

@@ -24,9 +24,7 @@ PRECISIONS = ('auto', 'fp32', 'int8')
 # toolkit; 03_evaluate.py --split VAL --beam-sizes 3 --precision fp32 / int8; checkpoints/README.md,
 # "int8 decoding"). A kind that is not here has not been measured, and stays fp32 under `auto`.
 INT8_AUTO = {
-    # sat (Show, Attend and Tell, additive attention): every shipped English checkpoint and the default
-    # pair within the bound, e.g. the pair BLEU-4 0.2401 -> 0.2402, CIDEr 0.6086 -> 0.6090 (filled in
-    # from the measurement below; see checkpoints/README.md for each checkpoint's row)
+    # sat (Show, Attend and Tell, additive attention): FILL measured figures
     'sat',
 }
 
@@ -69,13 +67,15 @@ def resolve(precision, decoder, device):
 def quantize_decoder(decoder):
     """The decoder with its Linear / LSTMCell / LSTM layers replaced by dynamically quantized int8
     ones, in place (an ensemble's members are all inside it, so each is quantized). Returns it."""
-    if torch.backends.quantized.engine == 'none':
-        raise RuntimeError('--precision int8: this PyTorch build has no quantized engine (fbgemm/x86/qnnpack); '
-                           'use --precision fp32')
+    quantize_dynamic = getattr(getattr(torch.ao, 'quantization', None), 'quantize_dynamic', None)
+    if quantize_dynamic is None or torch.backends.quantized.engine == 'none':
+        raise RuntimeError(f'--precision int8: this PyTorch ({torch.__version__}) has no dynamic quantization '
+                           '(torch.ao.quantization with a quantized engine); use --precision fp32')
     decoder.eval()
-    with warnings.catch_warnings():   # PyTorch 2.10+ announces a future move of quantized tensors (torchao)
-        warnings.filterwarnings('ignore', message='.*quantize_per_tensor.*deprecated', category=UserWarning)
-        return torch.ao.quantization.quantize_dynamic(decoder, QUANTIZED_LAYERS, dtype=torch.qint8, inplace=True)
+    with warnings.catch_warnings():   # torch.ao.quantization announces its move to torchao; it works as is here
+        warnings.filterwarnings('ignore', message='.*quantiz.*deprecated', category=UserWarning)
+        warnings.filterwarnings('ignore', message='.*torch.ao.quantization is deprecated', category=DeprecationWarning)
+        return quantize_dynamic(decoder, QUANTIZED_LAYERS, dtype=torch.qint8, inplace=True)
 
 
 def apply_precision(decoder, precision, device):
@@ -90,3 +90,11 @@ def apply_precision(decoder, precision, device):
 def is_quantized(decoder):
     """Whether any layer of the decoder holds int8 weights."""
     return any(type(m).__module__.startswith('torch.ao.nn.quantized') for m in decoder.modules())
+
+
+def apply_precision_or_exit(decoder, precision, device):
+    """apply_precision for the benchmarks: a precision that cannot apply ends the run with one line."""
+    try:
+        return apply_precision(decoder, precision, device)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f'error: {e}') from None
