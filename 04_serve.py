@@ -12,7 +12,8 @@ GET /healthz says whether the model is loaded; GET /docs and /openapi.json descr
 
 Concurrent requests are gathered (up to --max-batch requests, or --batch-wait-ms after the first)
 into one batched beam search in a single worker thread; the beam search is batch-invariant, so a
-caption is the same whether its request was batched or alone. Bad input is a 4xx with a JSON
+caption is the same whether its request was batched or alone (an int8 decoder, --precision, searches
+one image at a time for that: its activations are quantized per call). Bad input is a 4xx with a JSON
 `detail`: not an image 415, over --max-upload-mb 413 (refused as the body streams in, never stored;
 the rest is read and discarded, up to DRAIN_MB more, so that every client sees the answer), more than --max-megapixels or a decompression bomb 413, beam size out of range 422.
 
@@ -31,6 +32,7 @@ import threading
 import time
 import warnings
 
+import allocator
 import caption
 import quantize
 
@@ -120,8 +122,9 @@ class Batcher:
 
     _STOP = object()
 
-    def __init__(self, run_batch, max_batch, wait_s, max_queue):
+    def __init__(self, run_batch, max_batch, wait_s, max_queue, after_batch=None):
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
+        self.after_batch = after_batch   # called in the worker thread once a batch's answers are out
         self._queue = queue.Queue(maxsize=max_queue)
         self._thread, self._lock = None, threading.Lock()
         self.batches = 0          # batches run so far (for /healthz)
@@ -172,6 +175,8 @@ class Batcher:
                     for _, f in live:
                         f.set_exception(e)
                 self.batches += 1
+                if self.after_batch is not None:
+                    self.after_batch()
             if stop:
                 return
 
@@ -203,11 +208,15 @@ class Captioner:
             hyps = [None] * len(items)
             for k in sorted({k for _, k in items}):          # beam_search takes one beam size per call
                 idx = [i for i, (_, kk) in enumerate(items) if kk == k]
-                found = caption.beam_search(self.decoder, enc[idx], self.word_map, beam_size=k,
-                                            max_len=self.max_len, length_norm=self.length_norm,
-                                            no_repeat_ngram_size=self.no_repeat_ngram)
-                for i, hyp in zip(idx, found):
-                    hyps[i] = hyp
+                # An int8 decoder scales its activations per call (dynamic quantization), so a batch's
+                # captions could depend on each other: it searches one image at a time, and a request's
+                # caption never depends on who else was asking.
+                for group in ([[i] for i in idx] if self.precision == 'int8' else [idx]):
+                    found = caption.beam_search(self.decoder, enc[group], self.word_map, beam_size=k,
+                                                max_len=self.max_len, length_norm=self.length_norm,
+                                                no_repeat_ngram_size=self.no_repeat_ngram)
+                    for i, hyp in zip(group, found):
+                        hyps[i] = hyp
         model_ms = (time.perf_counter() - start) * 1000
         return [dict(self.answer(hyp), batch_size=len(items), model_ms=model_ms) for hyp in hyps]
 
@@ -332,7 +341,8 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
     captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, precision)
-    batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue)
+    trimmer = allocator.Trimmer()         # resident memory stays flat under load (allocator.py)
+    batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
     sample_names = sorted(n for n in os.listdir(samples) if n.lower().endswith(SAMPLE_EXTENSIONS)) \
@@ -380,7 +390,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     app = FastAPI(title='Show, Attend and Tell captioning', lifespan=lifespan,
                   description='Caption a photo with a trained Show, Attend and Tell model.')
     app.add_middleware(_Guard, max_bytes=int(max_upload_mb * 2**20))
-    app.state.captioner, app.state.batcher = captioner, batcher
+    app.state.captioner, app.state.batcher, app.state.trimmer = captioner, batcher, trimmer
 
     @app.exception_handler(ImageRefused)
     async def refused(request, exc):
@@ -454,6 +464,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    allocator.limit_arenas()              # before any thread allocates (allocator.py: flat resident memory)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
     missing = missing_extras()
