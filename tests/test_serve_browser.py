@@ -7,14 +7,12 @@ Set SERVE_SCREENSHOT=assets/figures/web_page.png to keep the screenshot (the REA
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import time
 
 import pytest
 
-from conftest import REPO, script
+from conftest import REPO, script, served
 
 CHROMIUM = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
 CHROMEDRIVER = shutil.which('chromedriver') or next(
@@ -32,29 +30,12 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason='browser test needs: ' + '
 SAMPLE = os.path.join(REPO, 'assets', 'samples', 'chelsea_cat.jpg')
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def server():
     """04_serve.py's app under uvicorn in a thread of this process, on a free 127.0.0.1 port."""
     import caption
-    import uvicorn
-    app = script('04_serve').create_app(caption.DEFAULT_CHECKPOINTS)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', access_log=False))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, 'the server did not start'
-        time.sleep(0.05)
-    yield f'http://127.0.0.1:{port}'
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with served(script('04_serve').create_app(caption.DEFAULT_CHECKPOINTS)) as url:
+        yield url
 
 
 @pytest.fixture(scope='module')

@@ -4,10 +4,8 @@ benchmark (bench_serve.py --soak) runs a short bounded soak with resident-memory
 allocator settings the server applies (allocator.py)."""
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +14,7 @@ import uuid
 import pytest
 
 import allocator
-from conftest import REPO, script
+from conftest import REPO, script, served
 
 pytest.importorskip('fastapi', reason='the web server extras are not installed (pip install -r requirements-extras.txt)')
 pytest.importorskip('uvicorn', reason='the web server extras are not installed (pip install -r requirements-extras.txt)')
@@ -26,28 +24,12 @@ HTTPX = next((m for m in ('httpx', 'httpx2') if importlib.util.find_spec(m)), No
 BIG = 25 * 10**6                         # bytes: over the default 20 MiB limit
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def server(tiny_checkpoint):
-    """The app with its default upload limit under uvicorn in a thread, on a free 127.0.0.1 port."""
-    import uvicorn
+    """The app with its default upload limit, served on 127.0.0.1 -> (base URL, app)."""
     app = script('04_serve').create_app(tiny_checkpoint)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', access_log=False))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, 'the server did not start'
-        time.sleep(0.05)
-    yield f'http://127.0.0.1:{port}', app
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with served(app) as url:
+        yield url, app
 
 
 def multipart(data, name='big.jpg'):
