@@ -208,15 +208,13 @@ class Captioner:
             hyps = [None] * len(items)
             for k in sorted({k for _, k in items}):          # beam_search takes one beam size per call
                 idx = [i for i, (_, kk) in enumerate(items) if kk == k]
-                # An int8 decoder scales its activations per call (dynamic quantization), so a batch's
-                # captions could depend on each other: it searches one image at a time, and a request's
-                # caption never depends on who else was asking.
-                for group in ([[i] for i in idx] if self.precision == 'int8' else [idx]):
-                    found = caption.beam_search(self.decoder, enc[group], self.word_map, beam_size=k,
-                                                max_len=self.max_len, length_norm=self.length_norm,
-                                                no_repeat_ngram_size=self.no_repeat_ngram)
-                    for i, hyp in zip(group, found):
-                        hyps[i] = hyp
+                # one image at a time for an int8 decoder: a request's caption never depends on who
+                # else was asking (caption.search_images)
+                found = caption.search_images(self.decoder, enc[idx], self.word_map, beam_size=k,
+                                              max_len=self.max_len, length_norm=self.length_norm,
+                                              no_repeat_ngram_size=self.no_repeat_ngram)
+                for i, hyp in zip(idx, found):
+                    hyps[i] = hyp
         model_ms = (time.perf_counter() - start) * 1000
         return [dict(self.answer(hyp), batch_size=len(items), model_ms=model_ms) for hyp in hyps]
 

@@ -255,11 +255,20 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
             continue
         enc = encoder(images.to(device, non_blocking=True))                   # [b, g, g, C]
         for k in beam_sizes:
-            for i, hyp in zip(indices, beam_search(decoder, enc, word_map, beam_size=k, **beam_kw)):
+            for i, hyp in zip(indices, search_images(decoder, enc, word_map, beam_size=k, **beam_kw)):
                 hyp['words'] = decoder.words(hyp['tokens'], rev)
                 results[i] = results[i] or {}
                 results[i][k] = hyp
     return results, failures
+
+
+def search_images(decoder, encoder_out, word_map, **beam_kw):
+    """beam_search over a batch; one image at a time for a decoder marked `per_image_search`
+    (quantize.py's int8 decoders, which scale their activations per call, so that a caption never
+    depends on which other images shared its batch)."""
+    if not getattr(decoder, 'per_image_search', False):
+        return beam_search(decoder, encoder_out, word_map, **beam_kw)
+    return [beam_search(decoder, encoder_out[i:i + 1], word_map, **beam_kw)[0] for i in range(encoder_out.size(0))]
 
 
 def checkpoint_paths(checkpoint_path):

@@ -75,7 +75,11 @@ def quantize_decoder(decoder):
     with warnings.catch_warnings():   # torch.ao.quantization announces its move to torchao; it works as is here
         warnings.filterwarnings('ignore', message='.*quantiz.*deprecated', category=UserWarning)
         warnings.filterwarnings('ignore', message='.*torch.ao.quantization is deprecated', category=DeprecationWarning)
-        return quantize_dynamic(decoder, QUANTIZED_LAYERS, dtype=torch.qint8, inplace=True)
+        decoder = quantize_dynamic(decoder, QUANTIZED_LAYERS, dtype=torch.qint8, inplace=True)
+    # Activations are quantized with one scale per call, over every row: searched together, images
+    # would shift each other's captions. caption.search_images and the server search them one at a time.
+    decoder.per_image_search = True
+    return decoder
 
 
 def apply_precision(decoder, precision, device):

@@ -52,6 +52,21 @@ def test_int8_captions_match_fp32_on_a_tiny_trained_model(tiny_checkpoint, synth
         assert len(y['beams']) == len(x['beams']) or not (x['finished'] and y['finished'])
 
 
+def test_int8_captions_do_not_depend_on_the_batch(tiny_checkpoint, synth_data):
+    """Dynamic quantization scales activations per call: an int8 decoder is searched one image at a
+    time (caption.search_images), so a folder's captions are each photo's own, whatever the batch size."""
+    folder, name = synth_data
+    paths = datasets.read_paths_pickle(os.path.join(folder, f'VAL_paths_{name}.pkl'))
+    encoder, int8, word_map, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
+    int8, _ = quantize.apply_precision(int8, 'int8', 'cpu')
+    assert int8.per_image_search
+    kw = dict(progress=False, length_norm=caption.DEFAULT_LENGTH_NORM, max_len=12)
+    one = caption.caption_paths(encoder, int8, word_map, paths, (3,), batch_size=1, **kw)[0]
+    many = caption.caption_paths(encoder, int8, word_map, paths, (3,), batch_size=len(paths), **kw)[0]
+    assert [r[3]['tokens'] for r in one] == [r[3]['tokens'] for r in many]
+    assert [r[3]['score'] for r in one] == pytest.approx([r[3]['score'] for r in many], abs=1e-4)
+
+
 def test_an_ensemble_quantizes_every_member(tiny_checkpoint):
     encoder, ens, word_map, _ = caption.load_captioner([tiny_checkpoint, tiny_checkpoint], 'cpu')
     ens, used = quantize.apply_precision(ens, 'auto', 'cpu')
