@@ -255,7 +255,7 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
             continue
         enc = encoder(images.to(device, non_blocking=True))                   # [b, g, g, C]
         for k in beam_sizes:
-            for i, hyp in zip(indices, search_images(decoder, enc, word_map, beam_size=k, **beam_kw)):
+            for i, hyp in zip(indices, beam_search(decoder, enc, word_map, beam_size=k, **beam_kw)):
                 hyp['words'] = decoder.words(hyp['tokens'], rev)
                 results[i] = results[i] or {}
                 results[i][k] = hyp
@@ -264,8 +264,10 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
 
 def search_images(decoder, encoder_out, word_map, **beam_kw):
     """beam_search over a batch; one image at a time for a decoder marked `per_image_search`
-    (quantize.py's int8 decoders, which scale their activations per call, so that a caption never
-    depends on which other images shared its batch)."""
+    (quantize.py's int8 decoders, which scale their activations per call), so that a caption never
+    depends on which other images shared its batch: the web server's batches are other people's
+    requests. caption_paths (02, 03) searches its batches whole: batched int8 is about 3x faster than
+    one image at a time, and a folder's captions depend only on the batch size (docs/speed.md)."""
     if not getattr(decoder, 'per_image_search', False):
         return beam_search(decoder, encoder_out, word_map, **beam_kw)
     return [beam_search(decoder, encoder_out[i:i + 1], word_map, **beam_kw)[0] for i in range(encoder_out.size(0))]

@@ -77,7 +77,7 @@ def quantize_decoder(decoder):
         warnings.filterwarnings('ignore', message='.*torch.ao.quantization is deprecated', category=DeprecationWarning)
         decoder = quantize_dynamic(decoder, QUANTIZED_LAYERS, dtype=torch.qint8, inplace=True)
     # Activations are quantized with one scale per call, over every row: searched together, images
-    # would shift each other's captions. caption.search_images and the server search them one at a time.
+    # can shift each other's captions. The server searches one image at a time (caption.search_images).
     decoder.per_image_search = True
     return decoder
 

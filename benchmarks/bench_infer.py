@@ -95,13 +95,13 @@ def main(argv=None):
         images = torch.stack([pool[i % len(pool)] for i in range(B)]).to(device)
         enc_s, enc = median_time(lambda: encoder(images), args.repeats, device)
         for k in args.beam_sizes:
-            beam_s, hyps = median_time(lambda: caption.search_images(decoder, enc, word_map, beam_size=k,
-                                                                     max_len=args.max_len), args.repeats, device)
+            beam_s, hyps = median_time(lambda: caption.beam_search(decoder, enc, word_map, beam_size=k,
+                                                                   max_len=args.max_len), args.repeats, device)
             steps = sum(h['steps'] for h in hyps)
             if args.profile:
                 print(f'beam search, batch {B}, beam {k}:', file=sys.stderr)
-                print(profile_table(lambda: caption.search_images(decoder, enc, word_map, beam_size=k,
-                                                                  max_len=args.max_len)), file=sys.stderr)
+                print(profile_table(lambda: caption.beam_search(decoder, enc, word_map, beam_size=k,
+                                                                max_len=args.max_len)), file=sys.stderr)
             rows.append({'batch_size': B, 'beam_size': k, 'encoder_ms_per_image': round(enc_s / B * 1000, 2),
                          'beam_s': round(beam_s, 4), 'decode_steps': steps,
                          'decode_ms_per_image_step': round(beam_s / steps * 1000, 3),

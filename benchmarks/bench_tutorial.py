@@ -36,7 +36,7 @@ The medians over rounds are reported, with every round's figure.
    DecoderWithAttention holding the checkpoint decoder's state_dict, with only its decoding part
    kept: the lines from `# Read image and process` to `encoder_out = encoder(image)` are replaced
    by taking the features in image_path's place (patch below); everything after them runs as
-   written, including the attention maps it keeps for its figure. Ours: caption.search_images on
+   written, including the attention maps it keeps for its figure. Ours: caption.beam_search on
    batches of --batch-size images, and on one image at a time. Both with the tutorial's rules:
    plain summed log-probability, no length normalisation, <unk> allowed (length_norm=0,
    allow_unk=True), at most 51 decoding steps (the tutorial stops after `step > 50`). The
@@ -367,7 +367,7 @@ def decode_figure(tut, model, paths, args, device, sync):
 
     def ours_batched():
         return [h['tokens'] for i in range(0, len(paths), args.batch_size)
-                for h in caption.search_images(decoder, feats[i:i + args.batch_size], word_map, **beam_kw)]
+                for h in caption.beam_search(decoder, feats[i:i + args.batch_size], word_map, **beam_kw)]
 
     def ours_batch1():
         return [caption.beam_search(decoder, feats[i:i + 1], word_map, **beam_kw)[0]['tokens'] for i in range(len(paths))]

@@ -52,19 +52,24 @@ def test_int8_captions_match_fp32_on_a_tiny_trained_model(tiny_checkpoint, synth
         assert len(y['beams']) == len(x['beams']) or not (x['finished'] and y['finished'])
 
 
-def test_int8_captions_do_not_depend_on_the_batch(tiny_checkpoint, synth_data):
-    """Dynamic quantization scales activations per call: an int8 decoder is searched one image at a
-    time (caption.search_images), so a folder's captions are each photo's own, whatever the batch size."""
+def test_int8_search_images_does_not_depend_on_the_batch(tiny_checkpoint, synth_data):
+    """Dynamic quantization scales activations per call: caption.search_images (the server's search)
+    takes an int8 decoder one image at a time, so a request's caption is the same alone or batched."""
     folder, name = synth_data
     paths = datasets.read_paths_pickle(os.path.join(folder, f'VAL_paths_{name}.pkl'))
     encoder, int8, word_map, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
     int8, _ = quantize.apply_precision(int8, 'int8', 'cpu')
     assert int8.per_image_search
-    kw = dict(progress=False, length_norm=caption.DEFAULT_LENGTH_NORM, max_len=12)
-    one = caption.caption_paths(encoder, int8, word_map, paths, (3,), batch_size=1, **kw)[0]
-    many = caption.caption_paths(encoder, int8, word_map, paths, (3,), batch_size=len(paths), **kw)[0]
-    assert [r[3]['tokens'] for r in one] == [r[3]['tokens'] for r in many]
-    assert [r[3]['score'] for r in one] == pytest.approx([r[3]['score'] for r in many], abs=1e-4)
+    transform = datasets.image_transform(encoder)
+    with torch.inference_mode():
+        feats = encoder(torch.stack([transform(datasets.load_image(p, transform.size)) for p in paths]))
+    kw = dict(beam_size=3, length_norm=caption.DEFAULT_LENGTH_NORM, max_len=12)
+    together = caption.search_images(int8, feats, word_map, **kw)
+    alone = [caption.beam_search(int8, feats[i:i + 1], word_map, **kw)[0] for i in range(len(paths))]
+    assert [h['tokens'] for h in together] == [h['tokens'] for h in alone]
+    assert [h['score'] for h in together] == [h['score'] for h in alone]
+    _, fp32, _, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
+    assert not getattr(fp32, 'per_image_search', False)          # fp32 stays one batched search
 
 
 def test_an_ensemble_quantizes_every_member(tiny_checkpoint):
