@@ -339,7 +339,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
     captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, precision)
-    trimmer = allocator.Trimmer()         # resident memory stays flat under load (allocator.py)
+    trimmer = allocator.Trimmer()         # less resident memory under load (allocator.py)
     batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
@@ -462,7 +462,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    allocator.limit_arenas()              # before any thread allocates (allocator.py: flat resident memory)
+    allocator.limit_arenas()              # before any thread allocates (allocator.py: less resident memory)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
     missing = missing_extras()

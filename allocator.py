@@ -1,4 +1,4 @@
-"""Keeps a long-running process's resident memory flat (04_serve.py): fewer glibc malloc arenas, and
+"""Lowers a long-running process's resident memory (04_serve.py): fewer glibc malloc arenas, and
 freed memory handed back to the system regularly.
 
 Why: the server allocates image buffers, tensors and activations from many threads (the request
@@ -8,7 +8,7 @@ reuse; memory freed in the middle of an arena's heap stays resident, so under st
 resident size climbs in steps as more arenas fill and fragment (the memory is free, just never
 returned). Capping the arenas (mallopt M_ARENA_MAX, what the MALLOC_ARENA_MAX environment variable
 does) and calling malloc_trim(0) about once a second, which releases the free pages of every arena,
-keep it flat (benchmarks/bench_serve.py --soak; docs/speed.md has the measurement).
+lower it (by 70-150 MB in a 2,000-request soak of the default pair; it still grew: docs/speed.md).
 
 On a C library without these calls (musl, macOS) every function here does nothing and says so by
 returning False.
