@@ -27,6 +27,7 @@ import sys
 import time
 
 import caption
+import quantize
 import streaming
 import text
 import utils
@@ -75,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default=DEVICE, help='auto, cpu or cuda (default: %(default)s)')
     p.add_argument('--overwrite', action='store_true',
                    help='start over: remove the captions an earlier run left in --out instead of continuing it')
+    quantize.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -113,6 +115,7 @@ def main(argv=None):
             raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
+        decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
         run = streaming.Run(args.out, run_settings(args), rank, world, args.overwrite)
         todo = run.open(paths, args.batch_size)
@@ -170,7 +173,7 @@ def main(argv=None):
             error = 'another process of this torchrun failed (see its error)'
     except (OSError, ValueError) as e:
         total, error = None, error or utils.describe_error(e)
-    print(f"\n{captioned} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, "
+    print(f"\n{captioned} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, {precision}, "
           f"checkpoint {caption.checkpoint_label(args.checkpoint)}"
           f"{f', process {rank} of {world}' if world > 1 else ''}); {len(failures)} skipped"
           f"{f'; {run.skipped} captioned before' if run.skipped else ''}.")

@@ -30,6 +30,7 @@ import datasets
 import formats
 import metrics
 import sharding
+import quantize
 import text
 import utils
 
@@ -89,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument('--metrics', choices=('auto', 'coco', 'nltk'), default=METRICS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='metrics.json path')
     p.add_argument('--device', default=DEVICE, help='(default: %(default)s)')
+    quantize.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -161,6 +163,7 @@ def main(argv=None):
         train_refs, no_endings = train_references(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
+        decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':
@@ -171,7 +174,7 @@ def main(argv=None):
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
     print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
-          f'beam sizes {args.beam_sizes}, {device}')
+          f'beam sizes {args.beam_sizes}, {device}, decoder {precision}')
     start = time.time()
     results, failures = sharding.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device, rank, world,
@@ -206,7 +209,7 @@ def main(argv=None):
     if args.out:
         try:
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
-                                        'checkpoint': caption.checkpoint_label(args.checkpoint),
+                                        'checkpoint': caption.checkpoint_label(args.checkpoint), 'precision': precision,
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)

@@ -12,9 +12,10 @@ GET /healthz says whether the model is loaded; GET /docs and /openapi.json descr
 
 Concurrent requests are gathered (up to --max-batch requests, or --batch-wait-ms after the first)
 into one batched beam search in a single worker thread; the beam search is batch-invariant, so a
-caption is the same whether its request was batched or alone. Bad input is a 4xx with a JSON
-`detail`: not an image 415, over --max-upload-mb 413 (refused as the body streams in, never read
-whole), more than --max-megapixels or a decompression bomb 413, beam size out of range 422.
+caption is the same whether its request was batched or alone (an int8 decoder, --precision, searches
+one image at a time for that: its activations are quantized per call). Bad input is a 4xx with a JSON
+`detail`: not an image 415, over --max-upload-mb 413 (refused as the body streams in, never stored;
+the rest is read and discarded, up to DRAIN_MB more, so that every client sees the answer), more than --max-megapixels or a decompression bomb 413, beam size out of range 422.
 
 Needs the optional extras (FastAPI, uvicorn, python-multipart): pip install -r requirements-extras.txt
 """
@@ -31,7 +32,9 @@ import threading
 import time
 import warnings
 
+import allocator
 import caption
+import quantize
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
@@ -39,6 +42,7 @@ WORD_MAP = None                            # the tutorial's WORDMAP_*.json when 
 HOST = '127.0.0.1'                         # 0.0.0.0 to accept other machines (there is no authentication)
 PORT = 8000
 MAX_UPLOAD_MB = 20                         # request bodies above this many MiB are refused with 413
+DRAIN_MB = 64                              # ... after reading and discarding up to this many MiB more (see _Guard)
 MAX_MEGAPIXELS = 50                        # images with more pixels are refused (decompression bombs too)
 BEAM_SIZE = 3                              # default beam size of a request (1 = greedy)
 MAX_BEAM_SIZE = 10                         # a request may ask for 1..MAX_BEAM_SIZE
@@ -50,6 +54,7 @@ BATCH_WAIT_MS = 5.0                        # how long the first request of a bat
 MAX_QUEUE = 256                            # requests waiting for the model beyond this get 503
 DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
+PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (quantize.py)
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
 PAGE = os.path.join(caption.REPO_DIR, 'web', 'index.html')       # the page served at /
 EXTRAS = ('fastapi', 'uvicorn', 'python_multipart')                   # import names of the optional extras
@@ -118,8 +123,9 @@ class Batcher:
 
     _STOP = object()
 
-    def __init__(self, run_batch, max_batch, wait_s, max_queue):
+    def __init__(self, run_batch, max_batch, wait_s, max_queue, after_batch=None):
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
+        self.after_batch = after_batch   # called in the worker thread once a batch's answers are out
         self._queue = queue.Queue(maxsize=max_queue)
         self._thread, self._lock = None, threading.Lock()
         self.batches = 0          # batches run so far (for /healthz)
@@ -170,6 +176,8 @@ class Batcher:
                     for _, f in live:
                         f.set_exception(e)
                 self.batches += 1
+                if self.after_batch is not None:
+                    self.after_batch()
             if stop:
                 return
 
@@ -177,7 +185,8 @@ class Batcher:
 class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
-    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM, word_map=WORD_MAP):
+    def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM, word_map=WORD_MAP,
+                 precision='auto'):
         import torch
 
         import datasets
@@ -186,6 +195,7 @@ class Captioner:
         self.device = utils.get_device(device)
         self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device,
                                                                                         word_map)
+        self.decoder, self.precision = quantize.apply_precision(self.decoder, precision, self.device)   # once
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
         self.transform = datasets.image_transform(self.encoder)
         self.has_attention = getattr(self.decoder, 'has_attention', True)
@@ -201,9 +211,11 @@ class Captioner:
             hyps = [None] * len(items)
             for k in sorted({k for _, k in items}):          # beam_search takes one beam size per call
                 idx = [i for i, (_, kk) in enumerate(items) if kk == k]
-                found = caption.beam_search(self.decoder, enc[idx], self.word_map, beam_size=k,
-                                            max_len=self.max_len, length_norm=self.length_norm,
-                                            no_repeat_ngram_size=self.no_repeat_ngram)
+                # one image at a time for an int8 decoder: a request's caption never depends on who
+                # else was asking (caption.search_images)
+                found = caption.search_images(self.decoder, enc[idx], self.word_map, beam_size=k,
+                                              max_len=self.max_len, length_norm=self.length_norm,
+                                              no_repeat_ngram_size=self.no_repeat_ngram)
                 for i, hyp in zip(idx, found):
                     hyps[i] = hyp
         model_ms = (time.perf_counter() - start) * 1000
@@ -230,19 +242,37 @@ class Captioner:
 
 class _Guard:
     """ASGI middleware: refuses request bodies over `max_bytes` with 413 as they stream in (from
-    Content-Length up front, else by counting), and logs one line per request."""
+    Content-Length up front, else by counting), and logs one line per request.
 
-    def __init__(self, app, max_bytes):
+    The rest of a refused body is read and thrown away (never stored) up to `drain_bytes` in all
+    before the 413 is sent: a client that sends its whole body before reading the answer (Python's
+    urllib, requests, httpx, browsers) would otherwise find the connection closed under it
+    (connection reset, broken pipe) and never see the message. A body larger than that is cut off
+    without reading on."""
+
+    def __init__(self, app, max_bytes, drain_bytes=None):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = max_bytes + DRAIN_MB * 2**20 if drain_bytes is None else drain_bytes
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
             return await self.app(scope, receive, send)
         import json
-        start, state = time.perf_counter(), {'status': 0, 'received': 0, 'too_large': False, 'started': False}
+        start, state = time.perf_counter(), {'status': 0, 'received': 0, 'too_large': False, 'started': False,
+                                             'more': True}
         limit_msg = json.dumps({'detail': f'the upload is larger than the {self.max_bytes / 2**20:g} MiB limit'}).encode()
 
-        async def refuse():
+        async def drain(more):
+            """Read and discard the body's remaining messages (more: whether any are left)."""
+            while more and state['received'] <= self.drain_bytes:
+                message = await receive()
+                if message['type'] != 'http.request':
+                    return
+                state['received'] += len(message.get('body', b''))
+                more = message.get('more_body', False)
+
+        async def refuse(more=True):
+            await drain(more)
             state['status'], state['started'] = 413, True
             await send({'type': 'http.response.start', 'status': 413,
                         'headers': [(b'content-type', b'application/json'), (b'connection', b'close'),
@@ -256,14 +286,15 @@ class _Guard:
             if message['type'] == 'http.request':
                 state['received'] += len(message.get('body', b''))
                 if state['received'] > self.max_bytes:
-                    state['too_large'] = True         # stop reading; the parser sees a disconnect
+                    state['too_large'] = True         # stop parsing; the parser sees a disconnect
+                    state['more'] = message.get('more_body', False)
                     return {'type': 'http.disconnect'}
             return message
 
         async def guarded_send(message):
             if state['too_large']:                   # whatever the app answers, the client gets 413
                 if not state['started']:
-                    await refuse()
+                    await refuse(state['more'])
                 return
             if message['type'] == 'http.response.start':
                 state['status'], state['started'] = message['status'], True
@@ -275,8 +306,8 @@ class _Guard:
         except ValueError:
             declared = 0
         try:
-            if declared > self.max_bytes:
-                await refuse()                       # not a byte of the body is read
+            if declared > self.max_bytes:             # the body is drained, not parsed nor kept
+                await refuse(more=declared <= self.drain_bytes)
             else:
                 try:
                     await self.app(scope, limited_receive, guarded_send)
@@ -284,7 +315,7 @@ class _Guard:
                     if not state['too_large']:
                         raise
                 if state['too_large'] and not state['started']:
-                    await refuse()
+                    await refuse(state['more'])
         finally:
             client = scope.get('client') or ('-', 0)
             log.info('%s %s %s %d %.1f ms %d bytes', client[0], scope['method'], scope['path'], state['status'],
@@ -295,7 +326,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
                samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM,
-               word_map=WORD_MAP):
+               word_map=WORD_MAP, precision=PRECISION):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -312,8 +343,9 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
         raise ValueError(f'--beam-size must be between 1 and --max-beam-size ({max_beam_size}), got {beam_size}')
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
-    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map)
-    batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue)
+    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map, precision)
+    trimmer = allocator.Trimmer()         # less resident memory under load (allocator.py)
+    batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
     sample_names = sorted(n for n in os.listdir(samples) if n.lower().endswith(SAMPLE_EXTENSIONS)) \
@@ -361,7 +393,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     app = FastAPI(title='Show, Attend and Tell captioning', lifespan=lifespan,
                   description='Caption a photo with a trained Show, Attend and Tell model.')
     app.add_middleware(_Guard, max_bytes=int(max_upload_mb * 2**20))
-    app.state.captioner, app.state.batcher = captioner, batcher
+    app.state.captioner, app.state.batcher, app.state.trimmer = captioner, batcher, trimmer
 
     @app.exception_handler(ImageRefused)
     async def refused(request, exc):
@@ -374,7 +406,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     @app.get('/healthz', summary='Liveness: the model is loaded and the worker is reachable')
     async def healthz():
         return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True),
-                'device': str(captioner.device),
+                'device': str(captioner.device), 'precision': captioner.precision,
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
                 'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches,
                 'note': caption.provided_note(checkpoint)}   # what the provided models know, or None
@@ -434,10 +466,12 @@ def parse_args(argv=None):
     p.add_argument('--decode-workers', type=int, default=DECODE_WORKERS, help='(default: %(default)s)')
     p.add_argument('--device', default=DEVICE, help='cpu, cuda or auto (default: %(default)s)')
     p.add_argument('--samples', default=SAMPLES, help='folder of sample photos the page offers (default: %(default)s)')
+    quantize.add_argument(p, PRECISION)
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    allocator.limit_arenas()              # before any thread allocates (allocator.py: less resident memory)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
     missing = missing_extras()
@@ -449,7 +483,7 @@ def main(argv=None):
         app = create_app(args.checkpoint, args.device, args.beam_size, args.max_beam_size, args.max_upload_mb,
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
                          args.length_norm, args.samples, decode_workers=args.decode_workers,
-                         no_repeat_ngram=args.no_repeat_ngram, word_map=args.word_map)
+                         no_repeat_ngram=args.no_repeat_ngram, word_map=args.word_map, precision=args.precision)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -295,6 +295,17 @@ def empty_reason(hyp):
             'special pieces)')
 
 
+def search_images(decoder, encoder_out, word_map, **beam_kw):
+    """beam_search over a batch; one image at a time for a decoder marked `per_image_search`
+    (quantize.py's int8 decoders, which scale their activations per call), so that a caption never
+    depends on which other images shared its batch: the web server's batches are other people's
+    requests. caption_paths (02, 03) searches its batches whole: batched int8 is about 3x faster than
+    one image at a time, and a folder's captions depend only on the batch size (docs/speed.md)."""
+    if not getattr(decoder, 'per_image_search', False):
+        return beam_search(decoder, encoder_out, word_map, **beam_kw)
+    return [beam_search(decoder, encoder_out[i:i + 1], word_map, **beam_kw)[0] for i in range(encoder_out.size(0))]
+
+
 def checkpoint_paths(checkpoint_path):
     """A path, or several (an ensemble) -> a list of paths."""
     return [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)

@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', nargs='+', default=[],
                    help="one checkpoint, or several (an ensemble) (default: 02_inference.py's, the provided pair)")
     p.add_argument('--runs', type=int, default=RUNS, help='(default: %(default)s)')
+    p.add_argument('--precision', choices=('auto', 'fp32', 'int8'), default='auto',
+                   help="02_inference.py's --precision (default: %(default)s)")
     p.add_argument('--json', action='store_true')
     return p.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(REPO, '02_inference.py'), '--img', args.img, '--out', out,
                '--device', 'cpu', '--overwrite',   # each run captions anew (the same --out would resume: nothing to do)
-               *(['--checkpoint', *args.checkpoint] if args.checkpoint else [])]
+               '--precision', args.precision, *(['--checkpoint', *args.checkpoint] if args.checkpoint else [])]
         wall(cmd)   # warm the page cache (files and libraries), as a second use of the command would find it
         load_before = os.getloadavg()[0]
         command, cpu = zip(*[wall(cmd) for _ in range(args.runs)])
@@ -64,7 +66,7 @@ def main(argv=None):
             'command_max_s': round(max(command), 3), 'command_cpu_median_s': round(statistics.median(cpu), 3),
             'import_torch_median_s': round(statistics.median(import_torch), 3),
             'import_torch_cpu_median_s': round(statistics.median(import_cpu), 3),
-            'runs': args.runs, 'load_avg_1min_before': round(load_before, 2),
+            'runs': args.runs, 'precision': args.precision, 'load_avg_1min_before': round(load_before, 2),
             'load_avg_1min_after': round(os.getloadavg()[0], 2), 'cpus': os.cpu_count()}, args.json)
     return 0
 

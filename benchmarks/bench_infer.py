@@ -27,6 +27,7 @@ import caption  # noqa: E402
 import datasets  # noqa: E402
 import decoders  # noqa: E402
 import models  # noqa: E402
+import quantize  # noqa: E402
 from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_beam_search  # noqa: E402
 
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--json', action='store_true')
+    quantize.add_argument(p)
     p.add_argument('--profile', action='store_true', help='print a torch.profiler table of each beam search')
     return p.parse_args(argv)
 
@@ -84,6 +86,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup(args.device, args.threads)
     encoder, decoder, word_map, model_name = load_model(args, device)
+    decoder, precision = quantize.apply_precision_or_exit(decoder, args.precision, device)
     transform = datasets.image_transform(encoder)
     paths = datasets.list_images(args.images)
     pool = [transform(datasets.load_image(p, transform.size)) for p in paths]
@@ -114,7 +117,7 @@ def main(argv=None):
                                             args.repeats, device)
             rows.append({'batch_size': 1, 'beam_size': k, 'tutorial_formulation': True, 'beam_s': round(tut_s, 4),
                          'decode_steps': steps, 'decode_ms_per_image_step': round(tut_s / steps * 1000, 3)})
-    result = {'benchmark': 'infer', 'model': model_name, 'image_size': encoder.image_size,
+    result = {'benchmark': 'infer', 'model': model_name, 'precision': precision, 'image_size': encoder.image_size,
               'grid': getattr(encoder, 'encoded_image_size', None), 'max_len': args.max_len, 'results': rows,
               'peak_rss_mb': peak_rss_mb(), **environment(device)}
     report(result, args.json)

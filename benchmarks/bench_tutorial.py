@@ -92,6 +92,7 @@ sys.path.insert(0, HERE)
 import caption  # noqa: E402
 import datasets  # noqa: E402
 import decoders  # noqa: E402
+import quantize  # noqa: E402
 from bench_train import synthetic_feature_batches  # noqa: E402
 from common import environment, peak_rss_mb, report, setup  # noqa: E402
 
@@ -230,6 +231,7 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', default=CHECKPOINT, help='a Show, Attend and Tell checkpoint (default: the shipped one)')
     p.add_argument('--figures', nargs='+', choices=FIGURES, default=list(FIGURES), help='which figures (default: all)')
     p.add_argument('--json', action='store_true', help='print one JSON object')
+    quantize.add_argument(p)   # ours only: the tutorial's decoder stays fp32, as its code has it
     return p.parse_args(argv)
 
 
@@ -483,6 +485,8 @@ def main(argv=None):
                                                   encoder_dim=cfg.encoder_dim, dropout=cfg.dropout)
         tdec.load_state_dict(decoder.state_dict())           # the checkpoint's weights in the tutorial's class
         tut['decoder'] = tdec.to(device).eval()
+        decoder, precision = quantize.apply_precision_or_exit(decoder, args.precision, device)   # after the copy above
+        model = (encoder, decoder, word_map)
         found = datasets.list_images(args.images)
         if not found:
             print(f'error: no images in {args.images}', file=sys.stderr)
@@ -500,6 +504,7 @@ def main(argv=None):
 
     result = {'benchmark': 'tutorial', 'tutorial_repo': os.path.abspath(args.tutorial_repo),
               'checkpoint': os.path.basename(args.checkpoint) if need_captioning else None,
+              'precision': precision if need_captioning else None,
               'images': os.path.abspath(args.images) if need_captioning else None,
               'rounds': args.rounds, 'batch_size': args.batch_size, 'train_batch': args.train_batch,
               'train_steps_per_round': args.train_steps, 'figures': figures, 'seconds_per_figure': seconds,

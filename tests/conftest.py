@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny prepared synthetic dataset and a tiny trained checkpoint, made once per
 test session on CPU with random weights (no network)."""
+import contextlib
 import importlib
 import os
 import sys
@@ -79,3 +80,28 @@ def train_flags(name):
         flags.append(flag)
         i += 1
     return flags
+
+
+@contextlib.contextmanager
+def served(app):
+    """An ASGI app under uvicorn in a thread of this process, on a free 127.0.0.1 port -> its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', access_log=False))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.time() < deadline, 'the server did not start'
+        time.sleep(0.05)
+    try:
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -7,14 +7,12 @@ Set SERVE_SCREENSHOT=assets/figures/web_page.png to keep the screenshot (the REA
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import time
 
 import pytest
 
-from conftest import REPO, script
+from conftest import REPO, script, served
 
 CHROMIUM = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
 CHROMEDRIVER = shutil.which('chromedriver') or next(
@@ -34,29 +32,12 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason='browser test needs: ' + '
 SAMPLE = os.path.join(REPO, 'assets', 'samples', 'camera_man_gray.jpg')
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def server():
     """04_serve.py's app under uvicorn in a thread of this process, on a free 127.0.0.1 port."""
     import caption
-    import uvicorn
-    app = script('04_serve').create_app(caption.DEFAULT_CHECKPOINTS)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', access_log=False))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, 'the server did not start'
-        time.sleep(0.05)
-    yield f'http://127.0.0.1:{port}'
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with served(script('04_serve').create_app(caption.DEFAULT_CHECKPOINTS)) as url:
+        yield url
 
 
 @pytest.fixture(scope='module')
@@ -133,3 +114,28 @@ def test_page_fits_a_phone_screen(server, browser):
         assert layout['font'] >= 16                                                                # legible
     finally:
         browser.set_window_size(1100, 800)
+
+
+def test_an_oversized_photo_is_refused_before_upload(server, browser, tmp_path):
+    """A file over the server's --max-upload-mb (20 MiB by default) is refused by the page itself,
+    with the limit in the message, and never sent: the page's POSTs are counted."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    big = tmp_path / 'huge.jpg'
+    with open(SAMPLE, 'rb') as f:
+        big.write_bytes(f.read() + b'\0' * (21 * 2**20))                       # a JPEG with 21 MiB of padding
+    browser.get(server + '/')
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#samples .sample'))
+    assert '20 MB' in browser.find_element(By.ID, 'limit').text                 # the limit is said up front
+    browser.execute_script("""
+        window.__posts = 0; const real = window.fetch;
+        window.fetch = (url, opts) => { if (String(url).includes('/api/caption')) window.__posts++; return real(url, opts); };""")
+    browser.find_element(By.ID, 'file').send_keys(str(big))
+    wait.until(lambda d: 'error' in d.find_element(By.ID, 'status').get_attribute('class'))
+    status = browser.find_element(By.ID, 'status').text
+    assert 'huge.jpg' in status and '21 MB' in status and '20 MB' in status, status
+    assert browser.execute_script('return window.__posts') == 0
+    browser.find_element(By.ID, 'file').send_keys(SAMPLE)                        # a photo within the limit still goes
+    wait.until(lambda d: d.execute_script('return window.__posts') == 1)
