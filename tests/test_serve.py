@@ -204,7 +204,8 @@ def test_missing_image_field_is_422(client):
 
 # fp32: exactly. int8 (each image searched alone) differs from alone only through the encoder's last-bit
 # differences between batch sizes, which int8 rounding can amplify in the babble of this one-epoch model:
-# its first 8 words are compared.
+# its first 8 words are compared, and its scores and attention maps to 1e-2 (int8 rounding turned the
+# encoder's last-bit differences into 1.5e-3 of a -29.16 log-probability and 1.4e-3 of one attention weight).
 @pytest.mark.parametrize('precision, max_len', [('fp32', serve.MAX_LEN), ('int8', 8)])
 def test_batched_requests_get_the_same_answers_as_alone(tiny_checkpoint, synth_data, precision, max_len):
     import glob
@@ -230,11 +231,12 @@ def test_batched_requests_get_the_same_answers_as_alone(tiny_checkpoint, synth_d
             together = list(pool.map(send, range(len(images))))
     assert max(r['batch_size'] for r in together) > 1                         # they really were batched
     assert all(r['batch_size'] == 1 for r in alone)
+    tol = 1e-3 if precision == 'fp32' else 1e-2
     for a, b in zip(alone, together):
         assert a['caption'] == b['caption'] and a['beam_size'] == b['beam_size']
-        assert b['beams'][0]['score'] == pytest.approx(a['beams'][0]['score'], abs=1e-3)
+        assert b['beams'][0]['score'] == pytest.approx(a['beams'][0]['score'], abs=tol)
         flat = lambda r: [v for m in r['attention']['maps'] for v in m]  # noqa: E731
-        assert flat(b) == pytest.approx(flat(a), abs=1e-3)
+        assert flat(b) == pytest.approx(flat(a), abs=tol)
 
 
 def test_one_log_line_per_request(client, caplog):
