@@ -55,6 +55,7 @@ MAX_QUEUE = 256                            # requests waiting for the model beyo
 DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (quantize.py)
+ALLOCATOR = 'auto'                         # auto: jemalloc when installed (a flat resident size under load) | glibc
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
 PAGE = os.path.join(caption.REPO_DIR, 'web', 'index.html')       # the page served at /
 EXTRAS = ('fastapi', 'uvicorn', 'python_multipart')                   # import names of the optional extras
@@ -467,12 +468,20 @@ def parse_args(argv=None):
     p.add_argument('--device', default=DEVICE, help='cpu, cuda or auto (default: %(default)s)')
     p.add_argument('--samples', default=SAMPLES, help='folder of sample photos the page offers (default: %(default)s)')
     quantize.add_argument(p, PRECISION)
+    p.add_argument('--allocator', choices=['auto', 'glibc'], default=ALLOCATOR,
+                   help='auto: restart once with jemalloc preloaded when libjemalloc2 is installed (flat memory '
+                        'under load, docs/speed.md); glibc: the C library\'s malloc, arenas capped and trimmed '
+                        '(default: %(default)s)')
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    allocator.limit_arenas()              # before any thread allocates (allocator.py: less resident memory)
     args = parse_args(argv)
+    memory = 'glibc'
+    if argv is None and args.allocator == 'auto':   # run as a command: its own process to restart
+        memory = allocator.restart_with_jemalloc()  # returns only when it did not restart (allocator.py)
+    if memory == 'glibc':
+        allocator.limit_arenas()          # before any thread allocates (allocator.py: less resident memory)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
     missing = missing_extras()
     if missing:
@@ -488,7 +497,7 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         return 1
     print(f'serving {caption.checkpoint_label(args.checkpoint, basename=True)} on http://{args.host}:{args.port} '
-          '(Ctrl+C stops)', flush=True)
+          f'(memory allocator: {memory}; Ctrl+C stops)', flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level='warning')  # serve logs each request
     return 0
 

@@ -76,12 +76,12 @@ def test_the_server_trims_freed_memory_after_batches(server):
     deadline = time.time() + 10
     while trimmer.trims == before and time.time() < deadline:   # after_batch runs once the answer is out
         time.sleep(0.05)
-    assert trimmer.trims == before + (1 if allocator._LIBC is not None else 0)
+    assert trimmer.trims == before + (1 if allocator._glibc() is not None else 0)
     assert not trimmer.maybe_trim()                              # at most once per interval
 
 
 def test_allocator_calls_work_here_or_say_they_cannot(monkeypatch):
-    glibc = allocator._LIBC is not None
+    glibc = allocator._glibc() is not None
     assert allocator.trim() == glibc
     monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
     assert allocator.limit_arenas() is False                    # the user's own setting wins
@@ -105,3 +105,21 @@ def test_bench_serve_refuses_an_unbounded_soak(tiny_checkpoint):
     done = subprocess.run([sys.executable, f'{REPO}/benchmarks/bench_serve.py', '--checkpoint', tiny_checkpoint,
                            '--soak', '1000000'], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and 'bounded' in done.stderr and 'Traceback' not in done.stderr
+
+
+def _run_restart(env):
+    code = 'import allocator; r = allocator.restart_with_jemalloc(); print(r, allocator.jemalloc_loaded())'
+    done = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+def test_restart_with_jemalloc_when_installed_and_only_once():
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in (allocator.RESTARTED, 'LD_PRELOAD')}
+    env['PYTHONPATH'] = REPO
+    if allocator.find_jemalloc() is None:
+        assert _run_restart(env) == ['glibc', 'False']                # nothing to restart with: glibc, no loop
+        pytest.skip('libjemalloc2 is not installed (apt install libjemalloc2): the restart itself is not tested')
+    assert _run_restart(env) == ['jemalloc', 'True']                  # the same command, now on jemalloc
+    assert _run_restart({**env, allocator.RESTARTED: '1'}) == ['glibc', 'False']   # a failed restart is not retried
