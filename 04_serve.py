@@ -119,22 +119,48 @@ def decode_upload(data, transform, max_pixels):
 
 
 class Batcher:
-    """One worker thread that runs the model: requests queued within `wait_s` of each other (up to
-    `max_batch`) share one encoder pass and one beam search per beam size."""
+    """The model thread: it loads the model (`start`), then runs it on requests queued within `wait_s`
+    of each other (up to `max_batch`), which share one encoder pass and one beam search per beam size.
+
+    Every torch operation of the server runs on this one thread, the loading included (image decoding
+    in the request threads is PIL and numpy: datasets.ImageTransform). PyTorch's CPU ops run on an
+    OpenMP team per calling thread, and once a second thread has started a team the process holds
+    more OpenMP threads than cores, so libgomp stops its workers spinning between operations: every
+    later op waits on a wake-up. Measured on 2 cores, the default pair at int8: 43-47 ms per one-photo
+    request with one thread doing all torch work, 100-127 ms once two threads had (docs/speed.md)."""
 
     _STOP = object()
 
-    def __init__(self, run_batch, max_batch, wait_s, max_queue, after_batch=None):
-        self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
+    def __init__(self, load, max_batch, wait_s, max_queue, after_batch=None):
+        self.load, self.run_batch, self.max_batch, self.wait_s = load, None, max_batch, wait_s
         self.after_batch = after_batch   # called in the worker thread once a batch's answers are out
         self._queue = queue.Queue(maxsize=max_queue)
         self._thread, self._lock = None, threading.Lock()
         self.batches = 0          # batches run so far (for /healthz)
 
+    def start(self):
+        """Start the model thread, run `load()` on it and keep what it returns as `run_batch`
+        (items -> answers); -> that. An exception of `load` is raised here, and the thread ends."""
+        loaded = concurrent.futures.Future()
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError('the model thread is already running')
+            self._thread = threading.Thread(target=self._loop, args=(loaded,), name='captioner', daemon=True)
+            self._thread.start()
+        try:
+            self.run_batch = loaded.result()
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            raise
+        return self.run_batch
+
     def submit(self, item):
         """-> concurrent.futures.Future of run_batch's answer for `item`; queue.Full when overloaded."""
-        with self._lock:          # started on first use, so building the app does no work
-            if self._thread is None:
+        with self._lock:
+            if self.run_batch is None:
+                raise RuntimeError('Batcher.start() first: the model is not loaded')
+            if self._thread is None:   # stopped, and the app is served again: a new thread, the same model
                 self._thread = threading.Thread(target=self._loop, name='captioner', daemon=True)
                 self._thread.start()
         future = concurrent.futures.Future()
@@ -151,7 +177,13 @@ class Batcher:
                 self._thread.join()
                 self._thread = None
 
-    def _loop(self):
+    def _loop(self, loaded=None):
+        if loaded is not None:
+            try:
+                loaded.set_result(self.load())
+            except BaseException as e:  # noqa: BLE001 - start() raises it in the caller's thread
+                loaded.set_exception(e)
+                return
         while True:
             first = self._queue.get()
             if first is self._STOP:
@@ -344,9 +376,10 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
         raise ValueError(f'--beam-size must be between 1 and --max-beam-size ({max_beam_size}), got {beam_size}')
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
-    captioner = Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map, precision)
     trimmer = allocator.Trimmer()         # less resident memory under load (allocator.py)
-    batcher = Batcher(captioner, max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
+    batcher = Batcher(lambda: Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map, precision),
+                      max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
+    captioner = batcher.start()           # loaded on the model thread, where all torch work runs (Batcher)
     with open(page, encoding='utf-8') as f:
         page_html = f.read()
     sample_names = sorted(n for n in os.listdir(samples) if n.lower().endswith(SAMPLE_EXTENSIONS)) \

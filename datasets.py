@@ -60,8 +60,12 @@ class ImageTransform:
     """The one image transform: PIL image or uint8 tensor [3, H, W] -> normalised float [3, S, S].
 
     `size`, `mean` and `std` come from the encoder's weights (models.Encoder.transform_config()).
-    Plain torch ops with the numerics of torchvision's v2 pil_to_tensor / resize(antialias=True) /
-    normalize (tests compare them), so captioning does not import torchvision (1.3 s).
+    Plain numpy and torch ops with the numerics of torchvision's v2 pil_to_tensor /
+    resize(antialias=True) / normalize (tests compare them), so captioning does not import
+    torchvision (1.3 s). A PIL image is normalised with numpy, which runs no OpenMP work: the web
+    server decodes uploads in request threads, and a second thread starting torch's OpenMP team slows
+    every later torch op in the process 2-2.5x on 2 cores (04_serve.py, docs/speed.md). The same
+    float32 operations in the same order give the same bits as torch's.
     """
 
     def __init__(self, size, mean, std, crop=False):
@@ -73,8 +77,11 @@ class ImageTransform:
                 img = ImageOps.fit(img, (self.size, self.size), Image.BICUBIC)
             elif img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.BILINEAR)
-            img = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)   # uint8 [3, S, S]
-        elif img.shape[-2:] != (self.size, self.size):
+            x = np.asarray(img, dtype=np.float32) / np.float32(255.0)             # [S, S, 3]
+            x -= np.asarray(self.mean, dtype=np.float32)
+            x /= np.asarray(self.std, dtype=np.float32)
+            return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))   # [3, S, S], contiguous
+        if img.shape[-2:] != (self.size, self.size):
             # uint8 in, uint8 out, as torchvision resizes uint8 tensors (its AVX path rounds the same way)
             img = torch.nn.functional.interpolate(img.unsqueeze(0), size=[self.size, self.size], mode='bilinear',
                                                   align_corners=False, antialias=True).squeeze(0)
@@ -97,7 +104,7 @@ class PackedTransform:
         self.size = max(t.size for t in self.transforms)
 
     def __call__(self, img):
-        return torch.cat([t(img).reshape(-1) for t in self.transforms])
+        return torch.from_numpy(np.concatenate([t(img).reshape(-1).numpy() for t in self.transforms]))
 
     def __repr__(self):
         return f'PackedTransform({self.transforms})'

@@ -329,3 +329,50 @@ def test_a_full_queue_is_503_and_the_others_still_get_answers(tiny_checkpoint):
         assert r.status_code == 503 and 'busy' in r.json()['detail']
         gate.set()
         assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+THREADS_PROBE = r'''
+import importlib, os, sys, threading
+sys.path.insert(0, sys.argv[1])
+serve = importlib.import_module('04_serve')
+from fastapi.testclient import TestClient
+def native_only():      # OS threads that are not Python threads: OpenMP and BLAS workers
+    return len(os.listdir('/proc/self/task')) - threading.active_count()
+app = serve.create_app(batch_wait_ms=0)      # the provided pair: images big enough for OpenMP
+loaded = native_only()
+with TestClient(app) as client:
+    for name in ('coffee.jpg', 'rocket.jpg', 'astronaut.jpg'):
+        with open(os.path.join(sys.argv[1], 'assets', 'samples', name), 'rb') as f:
+            assert client.post('/api/caption', files={'image': (name, f.read())}).status_code == 200
+    print(loaded, native_only())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='counts threads in /proc')
+def test_all_torch_work_stays_on_the_model_thread(tmp_path):
+    """A second thread running torch ops starts a second OpenMP team, and libgomp then stops
+    spinning: every op of the model slows 2-2.5x on 2 cores (Batcher). Decoding uploads must run no
+    torch op that starts one, so serving requests adds no native (OpenMP) thread to those of loading."""
+    import subprocess
+    probe = tmp_path / 'probe.py'
+    probe.write_text(THREADS_PROBE)
+    done = subprocess.run([sys.executable, str(probe), REPO], capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in __import__('os').environ.items() if k != 'OMP_NUM_THREADS'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded, served = map(int, done.stdout.split()[-2:])
+    assert served == loaded
+
+
+def test_the_transform_gives_contiguous_tensors():
+    img = Image.new('RGB', (300, 200), (10, 120, 240))
+    for t in (datasets.ImageTransform(64, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+              datasets.PackedTransform([datasets.ImageTransform(32, (0.5,) * 3, (0.5,) * 3),
+                                        datasets.ImageTransform(48, (0.4,) * 3, (0.3,) * 3)])):
+        assert t(img).is_contiguous()
+
+
+def test_a_model_that_fails_to_load_raises_in_create_app_and_leaves_no_thread(tmp_path):
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(FileNotFoundError):
+        serve.create_app([str(tmp_path / 'missing.pt')])
+    assert {t.name for t in threading.enumerate()} == before
