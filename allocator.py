@@ -3,7 +3,9 @@ fewer glibc malloc arenas and freed memory handed back to the system regularly.
 
 jemalloc (Debian/Ubuntu: `apt install libjemalloc2`) is what keeps the server flat: in a 4,000-request
 soak of the default pair (8 clients, idle machine) its resident size stayed within 730-745 MB from
-request 500 on, where glibc with the measures below went from 663 to 914 MB (docs/speed.md). A
+request 500 on, where glibc with the measures below went from 663 to 914 MB; over 10,000 requests with
+JEMALLOC_CONF (below) it moved within 828-921 MB, 25 MB lower at the end than at request 1,000, at 21
+requests/s (docs/speed.md). A
 process can only get it at its start (LD_PRELOAD), so 04_serve.py restarts itself once with it
 preloaded (restart_with_jemalloc) when run from the command line.
 
@@ -34,6 +36,11 @@ JEMALLOC = 'libjemalloc.so.2'
 JEMALLOC_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
                  '/usr/local/lib', '/opt/homebrew/lib')
 RESTARTED = 'CAPTION_ALLOCATOR_RESTARTED'   # set in the restarted process: restart at most once
+# jemalloc's settings for the server (unless MALLOC_CONF is set: the user's choice wins). By default
+# jemalloc serves requests over 8 MiB from a dedicated arena that hands pages back at once, so the
+# encoders' large activations were faulted in afresh on every batch: 9.5-11.8 requests/s at 8 clients
+# against 18.5-19.4 with this setting or with glibc (default pair, idle machine, docs/speed.md).
+JEMALLOC_CONF = 'oversize_threshold:0'
 
 
 @functools.cache
@@ -80,7 +87,9 @@ def restart_with_jemalloc(argv=None):
     argv = argv or [sys.executable, *sys.orig_argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, {**os.environ, 'LD_PRELOAD': preload, RESTARTED: '1'})
+    env = {**os.environ, 'LD_PRELOAD': preload, RESTARTED: '1'}
+    env.setdefault('MALLOC_CONF', JEMALLOC_CONF)
+    os.execve(sys.executable, argv, env)
 
 
 def limit_arenas(n=SERVER_ARENAS):

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument('--memory-concurrency', type=int, default=8)
     p.add_argument('--beam-size', type=int, default=3)
     p.add_argument('--max-batch', type=int, default=8, help="server's --max-batch")
-    p.add_argument('--batch-wait-ms', type=float, default=5.0, help="server's --batch-wait-ms")
+    p.add_argument('--batch-wait-ms', type=float, default=None, help="server's --batch-wait-ms (default: the server's)")
     p.add_argument('--time-limit', type=float, default=1200, help='give up after this many seconds in all')
     p.add_argument('--json', action='store_true', help='print one JSON line')
     args = p.parse_args(argv)
@@ -74,6 +74,23 @@ def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def wait_ready(port, server, deadline, log):
+    """Wait until the server (a Popen) answers /healthz, i.e. its model is loaded; RuntimeError when it
+    exits first (see `log`) or `deadline` passes."""
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f'the server exited with code {server.returncode}; see {log}')
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+            conn.request('GET', '/healthz')
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+        if time.time() > deadline:
+            raise RuntimeError('the server did not start in time')
 
 
 def rss_mb(pid):
@@ -178,23 +195,13 @@ def main(argv=None):
     env = dict(os.environ, **dict(kv.split('=', 1) for kv in args.server_env))
     server = subprocess.Popen([sys.executable, os.path.join(REPO, '04_serve.py'), '--checkpoint', *args.checkpoint,
                                '--host', HOST, '--port', str(port), '--beam-size', str(args.beam_size),
-                               '--max-batch', str(args.max_batch), '--batch-wait-ms', str(args.batch_wait_ms),
+                               '--max-batch', str(args.max_batch),
+                               *(['--batch-wait-ms', str(args.batch_wait_ms)] if args.batch_wait_ms is not None else []),
                                '--precision', args.precision],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + args.time_limit
     try:
-        while True:                                   # wait for the model to load
-            if server.poll() is not None:
-                raise RuntimeError(f'the server exited with code {server.returncode}; see {log.name}')
-            try:
-                conn = http.client.HTTPConnection(HOST, port, timeout=5)
-                conn.request('GET', '/healthz')
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-            if time.time() > deadline:
-                raise RuntimeError('the server did not start in time')
+        wait_ready(port, server, deadline, log.name)
         run_load(port, bodies, args.warmup, 1, deadline)
         levels = []
         for c in args.concurrency:

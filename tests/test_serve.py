@@ -376,3 +376,18 @@ def test_a_model_that_fails_to_load_raises_in_create_app_and_leaves_no_thread(tm
     with pytest.raises(FileNotFoundError):
         serve.create_app([str(tmp_path / 'missing.pt')])
     assert {t.name for t in threading.enumerate()} == before
+
+
+def test_bench_serve_ab_measures_every_server_in_rounds(tiny_checkpoint):
+    import subprocess
+    done = subprocess.run([sys.executable, f'{REPO}/benchmarks/bench_serve_ab.py', '--checkpoint', tiny_checkpoint,
+                           '--server', f'a={REPO}', '--server', f'b={REPO}:--precision,fp32', '--rounds', '2',
+                           '--requests', '3', '--warmup', '1', '--json'], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [s['label'] for s in r['servers']] == ['a', 'b'] and r['servers'][1]['args'] == ['--precision', 'fp32']
+    assert all(s['requests'] == 6 and 0 < s['p50_ms'] <= s['p99_ms'] for s in r['servers'])
+    assert r['servers'][0]['p50_ratio_to_first'] == 1.0
+    bad = subprocess.run([sys.executable, f'{REPO}/benchmarks/bench_serve_ab.py', '--server', 'x=/nonexistent'],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and 'no 04_serve.py in' in bad.stderr and 'Traceback' not in bad.stderr

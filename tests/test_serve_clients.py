@@ -108,7 +108,8 @@ def test_bench_serve_refuses_an_unbounded_soak(tiny_checkpoint):
 
 
 def _run_restart(env):
-    code = 'import allocator; r = allocator.restart_with_jemalloc(); print(r, allocator.jemalloc_loaded())'
+    code = ('import os, allocator; r = allocator.restart_with_jemalloc(); '
+            'print(r, allocator.jemalloc_loaded(), os.environ.get("MALLOC_CONF", "-"))')
     done = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split()
@@ -116,10 +117,12 @@ def _run_restart(env):
 
 def test_restart_with_jemalloc_when_installed_and_only_once():
     import os
-    env = {k: v for k, v in os.environ.items() if k not in (allocator.RESTARTED, 'LD_PRELOAD')}
+    env = {k: v for k, v in os.environ.items() if k not in (allocator.RESTARTED, 'LD_PRELOAD', 'MALLOC_CONF')}
     env['PYTHONPATH'] = REPO
     if allocator.find_jemalloc() is None:
-        assert _run_restart(env) == ['glibc', 'False']                # nothing to restart with: glibc, no loop
+        assert _run_restart(env) == ['glibc', 'False', '-']           # nothing to restart with: glibc, no loop
         pytest.skip('libjemalloc2 is not installed (apt install libjemalloc2): the restart itself is not tested')
-    assert _run_restart(env) == ['jemalloc', 'True']                  # the same command, now on jemalloc
-    assert _run_restart({**env, allocator.RESTARTED: '1'}) == ['glibc', 'False']   # a failed restart is not retried
+    # the same command, now on jemalloc, with the server's settings (large allocations kept for reuse)
+    assert _run_restart(env) == ['jemalloc', 'True', allocator.JEMALLOC_CONF]
+    assert _run_restart({**env, 'MALLOC_CONF': 'narenas:2'}) == ['jemalloc', 'True', 'narenas:2']   # the user's wins
+    assert _run_restart({**env, allocator.RESTARTED: '1'}) == ['glibc', 'False', '-']   # a failed restart is not retried
