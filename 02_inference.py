@@ -41,6 +41,7 @@ BEAM_SIZE = 3                              # 1 = greedy
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
+BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
 BATCH_SIZE = 16                            # images per batch
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
                    help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
+    caption.add_bad_endings_argument(p, BAD_ENDINGS)
     p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
                    help='let captions contain <unk> (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
@@ -81,7 +83,8 @@ def parse_args(argv=None):
 
 
 # Flags that change the captions: a run with other values refuses to add to an earlier run's captions.jsonl
-SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_len', 'allow_unk', 'precision')
+SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_len', 'allow_unk', 'precision',
+                 'bad_endings')
 
 
 def run_settings(args):
@@ -117,6 +120,7 @@ def main(argv=None):
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
+        no_end_after, endings_note = caption.bad_endings_setting(args.bad_endings, decoder, word_map, config)
         run = streaming.Run(args.out, run_settings(args), rank, world, args.overwrite)
         todo = run.open(paths, args.batch_size)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
@@ -124,6 +128,8 @@ def main(argv=None):
         return 1
     if rank == 0 and caption.provided_note(args.checkpoint):
         print(f'note: {caption.provided_note(args.checkpoint)}', file=sys.stderr)
+    if rank == 0 and endings_note:
+        print(f'note: {endings_note}', file=sys.stderr)
     log = os.path.join(args.out, streaming.JSONL)
     if run.skipped and rank == 0:
         print(f'resuming: {run.skipped} of {len(paths)} image(s) already have a caption in {log}; skipped '
@@ -140,7 +146,7 @@ def main(argv=None):
         for indices, hyps, bad in caption.caption_batches(
                 encoder, decoder, word_map, todo, (args.beam_size,), args.batch_size, args.workers, device,
                 max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-                min_len=args.min_len, allow_unk=args.allow_unk):
+                min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after):
             failures += [(todo[i], err) for i, err in bad]
             hyps = hyps.get(args.beam_size, [])
             records = [{'image': todo[i], 'caption': text.join_words(hyp['words'], tokenizer),

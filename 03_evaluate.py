@@ -48,6 +48,7 @@ BEAM_SIZES = [3]                           # one row of results per beam size
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
+BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
 BATCH_SIZE = 32
@@ -81,6 +82,7 @@ def parse_args(argv=None):
     p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
                    help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
+    caption.add_bad_endings_argument(p, BAD_ENDINGS)
     p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
                    help='let captions contain <unk> (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
@@ -165,6 +167,7 @@ def main(argv=None):
         encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
+        no_end_after, endings_note = caption.bad_endings_setting(args.bad_endings, decoder, word_map, config)
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':
             ok, why = metrics.coco_status() if tokenizer == 'words' else metrics.segmented_status()
@@ -174,12 +177,15 @@ def main(argv=None):
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
     print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
-          f'beam sizes {args.beam_sizes}, {device}, decoder {precision}')
+          f'beam sizes {args.beam_sizes}, {device}, decoder {precision}, bad endings '
+          f"{'avoided' if no_end_after is not None else 'allowed'}")
+    if endings_note:
+        print(f'note: {endings_note}', file=sys.stderr)
     start = time.time()
     results, failures = sharding.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device, rank, world,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-        min_len=args.min_len, allow_unk=args.allow_unk)
+        min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after)
     seconds = time.time() - start
     if results is None:   # another torchrun process: the first scores every share
         return 0
@@ -210,6 +216,7 @@ def main(argv=None):
         try:
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
                                         'checkpoint': caption.checkpoint_label(args.checkpoint), 'precision': precision,
+                                        'bad_endings_decoding': 'avoided' if no_end_after is not None else 'allowed',
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)

@@ -57,6 +57,7 @@ MAX_QUEUE = 256                            # requests waiting for the model beyo
 DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (quantize.py)
+BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOCATOR = 'auto'                         # auto: jemalloc when installed (a flat resident size under load) | glibc
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
 PAGE = os.path.join(caption.REPO_DIR, 'web', 'index.html')       # the page served at /
@@ -221,7 +222,7 @@ class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
     def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM, word_map=WORD_MAP,
-                 precision='auto'):
+                 precision='auto', bad_endings='avoid'):
         import torch
 
         import datasets
@@ -231,6 +232,8 @@ class Captioner:
         self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device,
                                                                                         word_map)
         self.decoder, self.precision = quantize.apply_precision(self.decoder, precision, self.device)   # once
+        self.no_end_after, self.endings_note = caption.bad_endings_setting(bad_endings, self.decoder, self.word_map,
+                                                                           self.config)
         self.rev_word_map = {v: k for k, v in self.word_map.items()}
         self.transform = datasets.image_transform(self.encoder)
         self.has_attention = getattr(self.decoder, 'has_attention', True)
@@ -250,7 +253,7 @@ class Captioner:
                 # else was asking (caption.search_images)
                 found = caption.search_images(self.decoder, enc[idx], self.word_map, beam_size=k,
                                               max_len=self.max_len, length_norm=self.length_norm,
-                                              no_repeat_ngram_size=self.no_repeat_ngram)
+                                              no_repeat_ngram_size=self.no_repeat_ngram, no_end_after=self.no_end_after)
                 for i, hyp in zip(idx, found):
                     hyps[i] = hyp
         model_ms = (time.perf_counter() - start) * 1000
@@ -361,7 +364,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
                samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM,
-               word_map=WORD_MAP, precision=PRECISION):
+               word_map=WORD_MAP, precision=PRECISION, bad_endings=BAD_ENDINGS):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -379,7 +382,8 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     if no_repeat_ngram < 0:
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
     trimmer = allocator.Trimmer()         # less resident memory under load (allocator.py)
-    batcher = Batcher(lambda: Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map, precision),
+    batcher = Batcher(lambda: Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map, precision,
+                                        bad_endings),
                       max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
     captioner = batcher.start()           # loaded on the model thread, where all torch work runs (Batcher)
     with open(page, encoding='utf-8') as f:
@@ -443,6 +447,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     async def healthz():
         return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True),
                 'device': str(captioner.device), 'precision': captioner.precision,
+                'bad_endings': 'avoided' if captioner.no_end_after is not None else 'allowed',
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
                 'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches,
                 'note': caption.provided_note(checkpoint)}   # what the provided models know, or None
@@ -503,6 +508,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default=DEVICE, help='cpu, cuda or auto (default: %(default)s)')
     p.add_argument('--samples', default=SAMPLES, help='folder of sample photos the page offers (default: %(default)s)')
     quantize.add_argument(p, PRECISION)
+    caption.add_bad_endings_argument(p, BAD_ENDINGS)
     p.add_argument('--allocator', choices=['auto', 'glibc'], default=ALLOCATOR,
                    help='auto: restart once with jemalloc preloaded when libjemalloc2 is installed (flat memory '
                         'under load, docs/speed.md); glibc: the C library\'s malloc, arenas capped and trimmed '
@@ -527,10 +533,13 @@ def main(argv=None):
         app = create_app(args.checkpoint, args.device, args.beam_size, args.max_beam_size, args.max_upload_mb,
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
                          args.length_norm, args.samples, decode_workers=args.decode_workers,
-                         no_repeat_ngram=args.no_repeat_ngram, word_map=args.word_map, precision=args.precision)
+                         no_repeat_ngram=args.no_repeat_ngram, word_map=args.word_map, precision=args.precision,
+                         bad_endings=args.bad_endings)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    if app.state.captioner.endings_note:
+        print(f'note: {app.state.captioner.endings_note}', file=sys.stderr)
     print(f'serving {caption.checkpoint_label(args.checkpoint, basename=True)} on http://{args.host}:{args.port} '
           f'(memory allocator: {memory}; Ctrl+C stops)', flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level='warning')  # serve logs each request

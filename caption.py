@@ -31,7 +31,7 @@ DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Fli
 
 @torch.inference_mode()
 def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_norm=0.0,
-                no_repeat_ngram_size=0, min_len=1, allow_unk=False):
+                no_repeat_ngram_size=0, min_len=1, allow_unk=False, no_end_after=None):
     """Beam search for a batch of images at once (images x beams in one batch), for any decoder of
     decoders.py (it only calls prepare / init_state / step / select / select_memory).
 
@@ -40,7 +40,9 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     by score / (length ** length_norm) is returned (length counts the words and <end>); when none
     finished within `max_len` words, the best unfinished one is. `min_len` forbids <end> before that
     many tokens (default 1: a caption of no words is never an answer, whatever the decoder);
-    `no_repeat_ngram_size` n forbids repeating any n-gram. <start> and <pad> are never emitted, nor
+    `no_repeat_ngram_size` n forbids repeating any n-gram; `no_end_after` (token ids) forbids <end>
+    right after any of those tokens (words that rarely end a sentence: "a", "in", "red"; see
+    endings.py). <start> and <pad> are never emitted, nor
     <unk> unless `allow_unk`. The tokens are the decoder's (decoder.special_tokens): word ids, or
     for ClipCap with a pretrained GPT-2 its BPE tokens (lengths then count those); decoder.words
     turns them into words.
@@ -59,6 +61,10 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     attention = decoder.has_attention
     banned = torch.zeros(V, device=device)                                    # added to every step's scores
     banned[never] = float('-inf')
+    end_after = None                                                          # [V]: added to <end>'s score
+    if no_end_after is not None and len(no_end_after):
+        end_after = torch.zeros(V, device=device)
+        end_after[torch.as_tensor(list(no_end_after), dtype=torch.long, device=device)] = float('-inf')
 
     memory = decoder.prepare(enc, k)                                          # per image, once
     state = decoder.init_state(memory, k)                                     # [B*k, ...]: row = image*k + beam
@@ -79,6 +85,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
         logp = logp + banned
         if t < min_len:
             logp[:, end] = float('-inf')
+        elif end_after is not None:
+            logp[:, end] = logp[:, end] + end_after[prev]
         if no_repeat_ngram_size:
             logp = logp + _ngram_penalty(seqs, no_repeat_ngram_size, V)
         cand = (scores.view(-1, 1) + logp).view(n_img, k * V)                 # [n, k*V]
@@ -325,10 +333,48 @@ def provided_note(checkpoint_path):
     return PROVIDED_NOTE if provided else None
 
 
+BAD_ENDINGS = ('avoid', 'allow')
+
+
+def add_bad_endings_argument(parser, default='avoid'):
+    """The --bad-endings flag of 02, 03 and 04."""
+    parser.add_argument('--bad-endings', choices=BAD_ENDINGS, default=default,
+                        help="avoid: never end a caption on a word that rarely ends a TRAIN reference ('a', 'in', "
+                             "'red': under 2%% of its occurrences), from the checkpoint's ending statistics; allow: "
+                             'the model decides (default: %(default)s)')
+
+
+def bad_endings_setting(choice, decoder, word_map, config):
+    """--bad-endings -> (the token ids to pass as beam_search's no_end_after, or None; a note to print
+    when 'avoid' cannot apply, else None)."""
+    if choice != 'avoid':
+        return None, None
+    ids = no_end_ids(decoder, word_map, config.get('endings'))
+    if ids is None:
+        why = ('its tokens are not its word map' if config.get('endings') else
+               'the checkpoint has no ending statistics (checkpoints of 01_train.py carry them; for others: '
+               'tools/write_endings.py DATA_FOLDER CHECKPOINT_FOLDER/NAME.endings.json)')
+        return None, f'--bad-endings avoid does not apply: {why}'
+    return ids, None
+
+
+def no_end_ids(decoder, word_map, endings):
+    """The token ids after which <end> is forbidden (--bad-endings avoid): the word map's words that
+    rarely end a TRAIN reference (metrics.bad_ending_words). None when they are unknown (`endings`
+    None) or the decoder's tokens are not the word map's (a pretrained GPT-2's BPE pieces)."""
+    import metrics
+    if not endings or decoder.vocab_size != len(word_map):
+        return None
+    bad = metrics.bad_ending_words(endings)
+    return sorted(i for w, i in word_map.items() if w in bad)
+
+
 def load_captioner(checkpoint_path, device, word_map=None):
     """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
     file, or from several as an ensemble (ensemble.py: one list of two or more paths). `word_map`:
-    the WORDMAP_*.json of a checkpoint of the tutorial, converted as it loads (tutorial_import.py)."""
+    the WORDMAP_*.json of a checkpoint of the tutorial, converted as it loads (tutorial_import.py).
+    config['endings'] is the checkpoint's (the first member's) TRAIN ending statistics or None
+    (checkpoint.endings)."""
     import tutorial_import
     paths = checkpoint_paths(checkpoint_path)
     if len(paths) > 1:
@@ -339,7 +385,7 @@ def load_captioner(checkpoint_path, device, word_map=None):
         return ensemble.load_ensemble(paths, device)
     ckpt = tutorial_import.load_checkpoint(paths[0], word_map)   # this suite's checkpoint, or the tutorial's
     encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
-    return encoder, decoder, ckpt['word_map'], ckpt['config']
+    return encoder, decoder, ckpt['word_map'], {**ckpt['config'], 'endings': checkpoint.endings(ckpt, paths[0])}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ its files (checkpoints/flickr8k_efficientnet_lite0_xe_fp16.pt among them) load u
 original ClipCap's state_dicts are converted by clipcap.convert_clipcap_state (tools/convert_clipcap.py
 writes a checkpoint from one).
 """
+import hashlib
+import json
 import os
 import re
 import warnings
@@ -121,6 +123,8 @@ def export(ckpt, fp16=True):
            'best_score': ckpt.get('best_score'),
            # numbers only: sample captions quote the dataset's references, which must not ship
            'val_metrics': {k: v for k, v in (ckpt.get('val_metrics') or {}).items() if k != 'samples'}}
+    if ckpt.get('endings'):   # word counts only (how often each word ends a TRAIN reference): no captions
+        out['endings'] = ckpt['endings']
     if not named_weights(config['encoder'], config['encoder_weights']):
         out['encoder'] = cast(ckpt['encoder'])
         return out
@@ -186,3 +190,35 @@ def _checkpoint_problem(path, error):
     if head[:1] == b'\x80':
         return f'truncated, damaged or not a tensor checkpoint ({format_size(size)} pickle that torch cannot read)'
     return f'not a checkpoint file ({format_size(size)} of text or another format)'
+
+
+# ----------------------------------------------------------------------------------------------
+# Ending statistics: which words a checkpoint's captions should not end on (--bad-endings)
+
+ENDINGS_SUFFIX = '.endings.json'   # a checkpoint folder's ending statistics (tools/write_endings.py)
+
+
+def word_map_digest(word_map):
+    """sha1 of a word map (its words and ids, sorted): which ending statistics fit which checkpoints."""
+    return hashlib.sha1(json.dumps(sorted(word_map.items())).encode()).hexdigest()
+
+
+def endings(ckpt, path):
+    """-> {word: [references it ends, occurrences]} over the TRAIN references the checkpoint learned
+    from, or None: its own `endings` entry (01_train.py writes it), else a `*.endings.json` file in
+    its folder made for the same word map (tools/write_endings.py; the provided checkpoints' is
+    checkpoints/flickr8k.endings.json). Files that do not parse or fit are passed over."""
+    if ckpt.get('endings'):
+        return ckpt['endings']
+    folder, digest = os.path.dirname(os.path.abspath(path)), word_map_digest(ckpt['word_map'])
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        if not name.endswith(ENDINGS_SUFFIX):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding='utf-8') as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and found.get('word_map_sha1') == digest and isinstance(found.get('counts'), dict):
+            return found['counts']
+    return None

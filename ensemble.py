@@ -121,7 +121,7 @@ def load_ensemble(paths, device='cpu'):
         ckpt = checkpoint.load(path)
         tokenizer = text.checkpoint_tokenizer(ckpt['config'])
         if first is None:
-            first = (path, ckpt['word_map'], tokenizer, ckpt['config'])
+            first = (path, ckpt['word_map'], tokenizer, {**ckpt['config'], 'endings': checkpoint.endings(ckpt, path)})
         elif ckpt['word_map'] != first[1]:
             raise ValueError(f'{path}: its word map differs from that of {first[0]}: the checkpoints of an '
                              'ensemble must share one word map (train them on the same prepared data)')

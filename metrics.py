@@ -226,6 +226,12 @@ def bad_ending(tokens, endings, threshold=BAD_ENDING_SHARE):
     return ends < threshold * occurrences or occurrences == 0
 
 
+def bad_ending_words(endings, threshold=BAD_ENDING_SHARE):
+    """The words of `endings` (ending_counts) that are bad endings (bad_ending): those a caption
+    should not end on (caption.beam_search's no_end_after, the scripts' --bad-endings avoid)."""
+    return {w for w in endings if bad_ending([w], endings, threshold)}
+
+
 def bad_ending_rate(captions, endings, tokenizer='words', threshold=BAD_ENDING_SHARE):
     """Share of captions (sentences) with a bad ending (bad_ending) on the tokens of `tokenizer`."""
     return sum(bad_ending(tokenize(c, tokenizer), endings, threshold) for c in captions) / max(len(captions), 1)

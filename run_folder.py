@@ -55,7 +55,8 @@ class RunFolder:
                 'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 'decoder_ema': self.ema.module.state_dict() if self.ema else None,
                 'decoder_ema_state': self.ema.state_dict() if self.ema else None,
-                'val_metrics': val_metrics, 'rng': utils.get_rng_state(), **self.state})
+                'val_metrics': val_metrics, 'rng': utils.get_rng_state(),
+                'endings': {w: list(c) for w, c in self.endings().items() if w in self.word_map}, **self.state})
 
 
 class Stopper:

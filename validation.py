@@ -60,6 +60,13 @@ class Validation:
         for sample in val['samples'][:2]:
             self.log(f"   e.g. {sample['caption']!r}  (a reference: {sample['ref']!r})")
 
+    def endings(self):
+        """The TRAIN references' ending statistics (metrics.ending_counts), counted once: the bad-ending
+        measure of validation, and stored in every checkpoint (so 02/03/04 can avoid bad endings)."""
+        if self.train_endings is None:
+            self.train_endings = ending_counts(self.train_set.refs(), self.config.get('tokenizer', 'words'))
+        return self.train_endings
+
     @torch.inference_mode()
     def validate(self):
         """Teacher-forced loss/top-5 and, for model selection, BLEU-4 and CIDEr-D (df from the scored VAL
@@ -73,8 +80,7 @@ class Validation:
         cpi, device, tokenizer = self.cpi, self.device, self.config.get('tokenizer', 'words')
         if self.val_ref_tokens is None:
             self.val_ref_tokens = [[text.tokenize(r, tokenizer) for r in refs] for refs in self.val_refs]
-        if self.train_endings is None:
-            self.train_endings = ending_counts(self.train_set.refs(), tokenizer)
+        self.endings()
         tf_loss, tf_top5 = utils.AverageMeter(), utils.AverageMeter()
         res, gts, hyp_words, samples, i = {}, {}, [], [], 0
         for x, caps, caplens in tqdm(self.val_loader, desc='validating', unit='batch', leave=False,

@@ -198,10 +198,13 @@ def test_the_server_captions_with_an_ensemble_as_the_pipeline_does(tiny_checkpoi
         with open(path, 'rb') as f:
             body = client.post('/api/caption', files={'image': ('cat.jpg', f.read())}, data={'beam_size': '3'}).json()
     assert health['checkpoint'] == ' + '.join(os.path.basename(p) for p in both)
-    encoder, ens, word_map, _ = caption.load_captioner(both, 'cpu')
+    encoder, ens, word_map, config = caption.load_captioner(both, 'cpu')
+    no_end_after, _ = caption.bad_endings_setting('avoid', ens, word_map, config)   # the server's default
+    assert health['bad_endings'] == 'avoided' and no_end_after
     (hyp,), failures = caption.caption_paths(encoder, ens, word_map, [path], (3,), progress=False,
                                              length_norm=caption.DEFAULT_LENGTH_NORM,
-                                             no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM)
+                                             no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM,
+                                             no_end_after=no_end_after)
     assert not failures and body['words'] == hyp[3]['words']
     assert body['beams'][0]['score'] == pytest.approx(hyp[3]['score'], abs=1e-3)
     assert body['attention']['grid'] == 2 and len(body['attention']['maps']) == len(body['words'])   # the first member's

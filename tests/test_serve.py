@@ -72,14 +72,16 @@ def test_caption_matches_the_pipeline_and_has_every_field(client, app, tiny_chec
     assert r.status_code == 200, r.text
     body = r.json()
     # The same image through caption.py directly: the server adds nothing and loses nothing.
-    encoder, decoder, word_map, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
+    encoder, decoder, word_map, config = caption.load_captioner(tiny_checkpoint, 'cpu')
     decoder, _ = quantize.apply_precision(decoder, app.state.captioner.precision, 'cpu')   # as the server's
+    no_end_after, _ = caption.bad_endings_setting('avoid', decoder, word_map, config)   # as the server's default
     img = datasets.load_image(f'{SAMPLES}/chelsea_cat.jpg', size=encoder.transform_config()['size'])
     with torch.inference_mode():
         enc = encoder(datasets.ImageTransform(**encoder.transform_config())(img).unsqueeze(0))
     hyp = caption.beam_search(decoder, enc, word_map, beam_size=2, length_norm=caption.DEFAULT_LENGTH_NORM,
-                              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM)[0]
+                              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM, no_end_after=no_end_after)[0]
     words = caption.words_of(hyp['tokens'], {v: k for k, v in word_map.items()})
+    assert no_end_after and app.state.captioner.no_end_after == no_end_after
     assert body['words'] == words and body['caption'] == ' '.join(words)
     assert body['beams'][0]['caption'] == body['caption']
     assert body['beams'][0]['score'] == pytest.approx(hyp['score'], abs=1e-3)
