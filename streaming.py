@@ -111,6 +111,10 @@ def file_digest(path):
     return h.hexdigest()
 
 
+# Settings added after runs were first recorded: what such a run did (so it resumes with that value)
+BEFORE_THE_SETTING = {'bad_endings': 'allow'}
+
+
 def check_settings(out, settings):
     """ValueError with one line when `out` holds captions written with other settings (or with no
     record of them); fine when `out` holds no captions yet."""
@@ -121,6 +125,7 @@ def check_settings(out, settings):
         raise ValueError(f'{os.path.join(out, JSONL)} has no record of the settings it was written with ({SETTINGS} '
                          'is missing): pass --overwrite to start over, or choose another --out')
     old = utils.read_json(path, 'settings file')
+    old = {**{k: v for k, v in BEFORE_THE_SETTING.items() if k in settings}, **old}
     for key in sorted(set(old) | set(settings)):
         if _compared(old.get(key)) != _compared(settings.get(key)):
             raise ValueError(f'{out} holds captions made with {key} {_show(old.get(key))}, this run has '

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, script
@@ -93,3 +94,14 @@ def test_02_avoids_the_bad_ending_it_would_otherwise_write(tmp_path):
     endings = checkpoint.endings(checkpoint.load(caption.PROVIDED_CHECKPOINT), caption.PROVIDED_CHECKPOINT)
     assert metrics.bad_ending(got['allow'].split(), endings)
     assert not metrics.bad_ending(got['avoid'].split(), endings)
+
+
+def test_a_run_recorded_before_the_setting_resumes_with_its_old_endings(tmp_path):
+    import streaming
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / streaming.JSONL).write_text(json.dumps({'image': 'a.jpg', 'caption': 'a dog'}) + '\n')
+    (out / streaming.SETTINGS).write_text(json.dumps({'beam_size': 3}))        # written before --bad-endings
+    streaming.check_settings(str(out), {'beam_size': 3, 'bad_endings': 'allow'})
+    with pytest.raises(ValueError, match='made with bad_endings "allow", this run has "avoid".*--overwrite'):
+        streaming.check_settings(str(out), {'beam_size': 3, 'bad_endings': 'avoid'})
