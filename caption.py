@@ -41,8 +41,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
     finished within `max_len` words, the best unfinished one is. `min_len` forbids <end> before that
     many tokens (default 1: a caption of no words is never an answer, whatever the decoder);
     `no_repeat_ngram_size` n forbids repeating any n-gram; `no_end_after` (token ids) forbids <end>
-    right after any of those tokens (words that rarely end a sentence: "a", "in", "red"; see
-    endings.py). <start> and <pad> are never emitted, nor
+    right after any of those tokens (words that rarely end a sentence: "a", "in", "red";
+    no_end_ids, from checkpoint.endings). <start> and <pad> are never emitted, nor
     <unk> unless `allow_unk`. The tokens are the decoder's (decoder.special_tokens): word ids, or
     for ClipCap with a pretrained GPT-2 its BPE tokens (lengths then count those); decoder.words
     turns them into words.
