@@ -107,6 +107,21 @@ def test_chinese_synthetic_end_to_end(zh_run, tmp_path, capsys):
     assert json.load(open(res2))['results'] == report['results']
 
 
+def test_self_critical_training_on_jieba_words(zh_run, tmp_path):
+    """make flickr8k-cn-scst's stage on the Chinese synthetic set: the end-aware CIDEr-D reward over jieba
+    words, VAL scored on jieba segments with the bad-ending measure, the tokenizer kept in the checkpoint."""
+    folder, name, ckpt = zh_run
+    out = tmp_path / 'scst'
+    assert train.main(['--data-folder', folder, '--init-from', ckpt, '--objective', 'scst', '--out-dir', str(out),
+                       '--epochs', '1', '--batch-size', '20', '--workers', '0', '--log-every', '1']) == 0
+    steps = [json.loads(line) for line in open(out / 'steps.jsonl')]
+    epoch, = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    assert steps and all(math.isfinite(r['reward']) and r['sample_len'] > 0 for r in steps)
+    assert epoch['select_by'] == 'CIDEr' and 0 <= epoch['val_bad_endings'] <= 1 and epoch['val_distinct_words'] > 0
+    config = torch.load(out / f'BEST_checkpoint_{name}.pt', map_location='cpu', weights_only=True)['config']
+    assert (config['tokenizer'], config['objective'], config['scst_end_token']) == ('jieba', 'scst', True)
+
+
 def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
     """03 --coco-json scores every image of an official COCO caption file against all its references:
     on the TEST images of the prepared set it gives exactly the scores of --split TEST."""
