@@ -166,5 +166,5 @@ def test_shipped_chinese_checkpoint_captions_a_photo_in_chinese(tmp_path, capsys
     out = tmp_path / 'out'
     assert infer.main(['--checkpoint', CN_CHECKPOINT, '--img', photo, '--out', str(out)]) in (0, None)
     rows = json.loads((out / 'captions.json').read_text(encoding='utf-8'))
-    assert rows[0]['caption'] == '有一个人正在摄像'
-    assert '有一个人正在摄像' in capsys.readouterr().out
+    assert rows[0]['caption'] == '一个女人在照相'
+    assert '一个女人在照相' in capsys.readouterr().out
