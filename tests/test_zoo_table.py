@@ -70,3 +70,21 @@ def test_a_folder_that_cannot_make_a_row_is_one_line(zoo_run, tmp_path, capsys):
         assert zoo_table.main([str(run)]) == 1
         err = capsys.readouterr().err
         assert err.startswith('error: ') and message in err and err.count('\n') == 1
+
+
+def test_a_row_scored_without_meteor_says_so(zoo_run, tmp_path, capsys):
+    """Chinese (jieba) scoring leaves METEOR out (English-only): the cell says so; other scores are needed."""
+    run = tmp_path / 'zoo_sat'
+    shutil.copytree(zoo_run, run)
+    scored = json.load(open(run / 'val_metrics.json'))
+    for r in scored['results']:
+        del r['metrics']['METEOR']
+    (run / 'val_metrics.json').write_text(json.dumps(scored))
+    assert zoo_table.main([str(run), '--no-header']) == 0
+    cells = [c.strip() for c in capsys.readouterr().out.strip().strip('|').split('|')]
+    assert cells[9] == 'not scored' and cells[11] == f"{scored['results'][1]['metrics']['CIDEr']:.4f}"
+    for r in scored['results']:
+        del r['metrics']['CIDEr']
+    (run / 'val_metrics.json').write_text(json.dumps(scored))
+    assert zoo_table.main([str(run)]) == 1
+    assert 'metrics lacks CIDEr' in capsys.readouterr().err

@@ -5,7 +5,7 @@
 One Markdown row per run folder of 01_train.py, read from what the run and its scoring wrote there:
 - `val_metrics.json` (03_evaluate.py --split VAL --beam-sizes 3 --bad-endings allow --out ...; the
   zoo recipes of the Makefile write it): BLEU-1..4, METEOR, ROUGE-L, CIDEr, bad endings, distinct words
-  of the beam-3 row;
+  of the beam-3 row (METEOR "not scored" for Chinese, whose scoring leaves it out);
 - `metrics.jsonl`: epochs run, the selected one (counted from 0, as the logs count), and the training time (training plus validation
   seconds of every epoch logged, as measured, whatever else shared the machine);
 - `BEST_checkpoint_*.pt`: the decoder, the objective and the decoder's parameters (shared weights once);
@@ -29,6 +29,7 @@ import utils  # noqa: E402
 BEAM_SIZE = 3
 BENCH_BATCH = 32
 SCORES = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
+OPTIONAL_SCORES = ('METEOR',)   # English-only: left out of Chinese (jieba) scoring
 HEADER = ('| decoder | objective | parameters | epochs (best) | training | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | '
           'METEOR | ROUGE-L | CIDEr | bad endings | distinct words | decode ms/image | command |')
 
@@ -40,7 +41,8 @@ def beam_row(val_metrics, path):
     if not rows:
         raise ValueError(f'{path}: no beam-size {BEAM_SIZE} result (score with 03_evaluate.py --beam-sizes {BEAM_SIZE})')
     scores = rows[0].get('metrics')
-    missing = [k for k in SCORES if not isinstance(scores, dict) or not isinstance(scores.get(k), (int, float))]
+    missing = [k for k in SCORES if k not in OPTIONAL_SCORES
+               and (not isinstance(scores, dict) or not isinstance(scores.get(k), (int, float)))]
     if missing:
         raise ValueError(f'{path}: results[beam_size={BEAM_SIZE}].metrics lacks {", ".join(missing)} '
                          '(scored without the COCO toolkit?)')
@@ -100,7 +102,7 @@ def zoo_row(folder):
     cells = [f"`{config['decoder']}`", {'xe': 'cross-entropy', 'scst': 'self-critical'}[config['objective']],
              f'{decoder_parameters(ckpt) / 1e6:.1f} M', f"{len(epochs)} ({best[0] - 1 if best else '-'})",
              fmt_minutes(seconds)]
-    cells += [f"{row['metrics'][k]:.4f}" for k in SCORES]
+    cells += [f"{row['metrics'][k]:.4f}" if k in row['metrics'] else 'not scored' for k in SCORES]
     cells += [f'{bad:.1%}' if isinstance(bad, (int, float)) else 'not measured',
               str(row.get('diversity', {}).get('distinct_words', 'not measured')),
               f'{ms:.1f}' if ms is not None else 'not measured', reproduce(folder, config)]
