@@ -119,19 +119,26 @@ flickr8k-cn-scst: $(STAMP)
 # model's own endings (--bad-endings allow: the bad-ending column measures the model, not the decoding):
 #     make flickr8k-zoo DECODER=show_tell      (sat | dot_attention | show_tell | repeat_bilstm | clipcap)
 # clipcap's default is its CPU-sized GPT-2 trained from scratch over the word map (--lm scratch);
-# ZOO_FLAGS adds decoder flags, e.g. ZOO_FLAGS='--lm-layers 2'.
+# ZOO_FLAGS adds decoder flags, e.g. ZOO_FLAGS='--lm-layers 2'. The Chinese rows (Flickr8k-CN, jieba
+# words) use the same recipe: make flickr8k-cn-zoo DECODER=transformer (runs/zoo_cn_$(DECODER)).
 DECODER ?= sat
 ZOO_FLAGS ?=
+ZOO_DATA = data/flickr8k
+ZOO_NAME = $(FLICKR8K_NAME)
+ZOO_PREP = flickr8k-data
 ZOO_RUN = runs/zoo_$(DECODER)
 
-.PHONY: flickr8k-zoo
-flickr8k-zoo: $(STAMP)
+.PHONY: flickr8k-data flickr8k-zoo
+flickr8k-data: $(STAMP)
 	test -f data/flickr8k/WORDMAP_$(FLICKR8K_NAME).json || $(PY) 00_create_input_files.py --dataset flickr8k \
 	    --karpathy-json $(FLICKR8K_JSON) --image-folder $(FLICKR8K_IMAGES) --output-folder data/flickr8k
-	$(PY) 01_train.py --data-folder data/flickr8k --decoder $(DECODER) --encoder efficientnet_lite0 \
+
+flickr8k-zoo: $(STAMP)
+	test -f $(ZOO_DATA)/WORDMAP_$(ZOO_NAME).json || $(MAKE) $(ZOO_PREP)
+	$(PY) 01_train.py --data-folder $(ZOO_DATA) --decoder $(DECODER) --encoder efficientnet_lite0 \
 	    --encoder-weights imagenet --epochs 12 --workers 0 --val-beam-size 3 --ema-decay 0.999 \
 	    --label-smoothing 0.1 --lr-patience 2 --early-stop 4 --out-dir $(ZOO_RUN) $(ZOO_FLAGS)
-	$(PY) 03_evaluate.py --checkpoint $(ZOO_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt --data-folder data/flickr8k \
+	$(PY) 03_evaluate.py --checkpoint $(ZOO_RUN)/BEST_checkpoint_$(ZOO_NAME).pt --data-folder $(ZOO_DATA) \
 	    --split VAL --beam-sizes 3 --bad-endings allow --out $(ZOO_RUN)/val_metrics.json
 
 # The self-critical stage of a zoo row (end-aware CIDEr-D reward, the default of new runs: docs/zoo.md),
@@ -139,16 +146,28 @@ flickr8k-zoo: $(STAMP)
 #     make flickr8k-zoo-scst DECODER=transformer
 # and the transformer's two rows in one command (cross-entropy, then self-critical):
 #     make flickr8k-zoo-transformer
-ZOO_SCST_RUN = runs/zoo_$(DECODER)_scst
+ZOO_SCST_RUN = $(ZOO_RUN)_scst
 
 .PHONY: flickr8k-zoo-scst flickr8k-zoo-transformer
 flickr8k-zoo-scst: $(STAMP)
-	$(PY) tools/export_checkpoint.py $(ZOO_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt $(ZOO_RUN)/xe_fp16.pt
-	$(PY) 01_train.py --objective scst --init-from $(ZOO_RUN)/xe_fp16.pt --data-folder data/flickr8k \
+	$(PY) tools/export_checkpoint.py $(ZOO_RUN)/BEST_checkpoint_$(ZOO_NAME).pt $(ZOO_RUN)/xe_fp16.pt
+	$(PY) 01_train.py --objective scst --init-from $(ZOO_RUN)/xe_fp16.pt --data-folder $(ZOO_DATA) \
 	    --epochs $(FLICKR8K_SCST_EPOCHS) --workers 0 --val-beam-size 3 --out-dir $(ZOO_SCST_RUN)
-	$(PY) 03_evaluate.py --checkpoint $(ZOO_SCST_RUN)/BEST_checkpoint_$(FLICKR8K_NAME).pt --data-folder data/flickr8k \
+	$(PY) 03_evaluate.py --checkpoint $(ZOO_SCST_RUN)/BEST_checkpoint_$(ZOO_NAME).pt --data-folder $(ZOO_DATA) \
 	    --split VAL --beam-sizes 3 --bad-endings allow --out $(ZOO_SCST_RUN)/val_metrics.json
 
 flickr8k-zoo-transformer: $(STAMP)
 	$(MAKE) flickr8k-zoo DECODER=transformer
 	$(MAKE) flickr8k-zoo-scst DECODER=transformer
+
+# The Chinese zoo rows: the same two stages on Flickr8k-CN (prepared by flickr8k-cn-data when missing),
+# in runs/zoo_cn_$(DECODER) and runs/zoo_cn_$(DECODER)_scst:
+#     make flickr8k-cn-zoo DECODER=transformer  |  make flickr8k-cn-zoo-scst DECODER=transformer
+CN_ZOO = ZOO_DATA=$(FLICKR8K_CN_DATA) ZOO_NAME=$(FLICKR8K_CN_NAME) ZOO_PREP=flickr8k-cn-data ZOO_RUN=runs/zoo_cn_$(DECODER)
+
+.PHONY: flickr8k-cn-zoo flickr8k-cn-zoo-scst
+flickr8k-cn-zoo: $(STAMP)
+	$(MAKE) flickr8k-zoo $(CN_ZOO)
+
+flickr8k-cn-zoo-scst: $(STAMP)
+	$(MAKE) flickr8k-zoo-scst $(CN_ZOO)
