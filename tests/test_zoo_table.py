@@ -88,3 +88,15 @@ def test_a_row_scored_without_meteor_says_so(zoo_run, tmp_path, capsys):
     (run / 'val_metrics.json').write_text(json.dumps(scored))
     assert zoo_table.main([str(run)]) == 1
     assert 'metrics lacks CIDEr' in capsys.readouterr().err
+
+
+def test_the_command_is_the_makefile_recipe_of_the_folders_name(zoo_run):
+    """runs/zoo_<decoder>[_scst] and runs/zoo_cn_<decoder>[_scst] name the Makefile's zoo targets; any
+    other folder, or a stage that does not match the name, points at the run's own config."""
+    xe, scst = {'decoder': 'sat', 'objective': 'xe'}, {'decoder': 'sat', 'objective': 'scst'}
+    assert zoo_table.reproduce('runs/zoo_sat', xe) == '`make flickr8k-zoo DECODER=sat`'
+    assert zoo_table.reproduce('runs/zoo_sat_scst/', scst) == '`make flickr8k-zoo-scst DECODER=sat`'
+    assert zoo_table.reproduce('runs/zoo_cn_sat', xe) == '`make flickr8k-cn-zoo DECODER=sat`'
+    assert zoo_table.reproduce('runs/zoo_cn_sat_scst', scst) == '`make flickr8k-cn-zoo-scst DECODER=sat`'
+    assert zoo_table.reproduce('runs/zoo_sat_scst', xe) == 'the config in `runs/zoo_sat_scst`'
+    assert zoo_table.reproduce('runs/mine', xe) == 'the config in `runs/mine`'

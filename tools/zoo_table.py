@@ -13,7 +13,7 @@ One Markdown row per run folder of 01_train.py, read from what the run and its s
   (`python benchmarks/bench_infer.py --checkpoint RUN/BEST_checkpoint_*.pt --batch-sizes 32 --beam-sizes 3
   --max-len 50 --json > RUN/bench_infer.json`, on an idle machine); else "not measured".
 The command that reproduces a row is the Makefile's zoo recipe when the folder follows its naming
-(runs/zoo_<decoder>, runs/zoo_<decoder>_scst).
+(runs/zoo_<decoder>, runs/zoo_<decoder>_scst; runs/zoo_cn_<decoder>[_scst] for Flickr8k-CN).
 """
 import argparse
 import glob
@@ -69,12 +69,13 @@ def decoder_parameters(ckpt):
 
 
 def reproduce(folder, config):
-    """The command that reproduces the run: the Makefile's zoo recipe when the folder is named its way."""
+    """The command that reproduces the run: the Makefile's zoo recipe when the folder is named its way
+    (runs/zoo_<decoder>[_scst] on Flickr8k, runs/zoo_cn_<decoder>[_scst] on Flickr8k-CN)."""
     name, decoder = os.path.basename(os.path.normpath(folder)), config['decoder']
-    if name == f'zoo_{decoder}_scst' and config['objective'] == 'scst':
-        return f'`make flickr8k-zoo-scst DECODER={decoder}`'
-    if name == f'zoo_{decoder}' and config['objective'] == 'xe':
-        return f'`make flickr8k-zoo DECODER={decoder}`'
+    stage = {'xe': '', 'scst': '_scst'}[config['objective']]
+    for prefix, target in (('zoo_', 'flickr8k-zoo'), ('zoo_cn_', 'flickr8k-cn-zoo')):
+        if name == f'{prefix}{decoder}{stage}':
+            return f"`make {target}{stage.replace('_', '-')} DECODER={decoder}`"
     return f'the config in `{folder}`'
 
 
