@@ -57,8 +57,7 @@ flickr8k-checkpoint: $(STAMP)
 	    --beam-sizes 1 3 5 --out runs/flickr8k_ensemble_val_metrics.json
 
 flickr8k-member: $(STAMP)
-	$(PY) 00_create_input_files.py --dataset flickr8k --karpathy-json $(FLICKR8K_JSON) \
-	    --image-folder $(FLICKR8K_IMAGES) --output-folder data/flickr8k
+	$(MAKE) flickr8k-data
 	$(PY) 01_train.py --data-folder data/flickr8k --encoder $(FLICKR8K_ENCODER) --encoder-weights imagenet \
 	    --epochs 12 --workers 0 --val-beam-size 3 --val-no-repeat-ngram 0 --ema-decay 0.999 \
 	    --label-smoothing 0.1 --lr-patience 2 --early-stop 4 --out-dir $(FLICKR8K_RUN)
