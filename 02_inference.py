@@ -42,6 +42,7 @@ LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LEN
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
+MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
 BATCH_SIZE = 16                            # images per batch
@@ -67,6 +68,7 @@ def parse_args(argv=None):
                    help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
     caption.add_bad_endings_argument(p, BAD_ENDINGS)
+    caption.add_mirror_argument(p, MIRROR)
     p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
                    help='let captions contain <unk> (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
@@ -84,7 +86,7 @@ def parse_args(argv=None):
 
 # Flags that change the captions: a run with other values refuses to add to an earlier run's captions.jsonl
 SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_len', 'allow_unk', 'precision',
-                 'bad_endings')
+                 'bad_endings', 'mirror')
 
 
 def run_settings(args):
@@ -117,7 +119,7 @@ def main(argv=None):
         if not paths:
             raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
+        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
         no_end_after, endings_note = caption.bad_endings_setting(args.bad_endings, decoder, word_map, config)

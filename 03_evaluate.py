@@ -48,6 +48,7 @@ BEAM_SIZES = [3]                           # one row of results per beam size
 LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
 NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
+MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
@@ -83,6 +84,7 @@ def parse_args(argv=None):
                    help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
     p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
     caption.add_bad_endings_argument(p, BAD_ENDINGS)
+    caption.add_mirror_argument(p, MIRROR)
     p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
                    help='let captions contain <unk> (default: %(default)s)')
     p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
@@ -164,7 +166,7 @@ def main(argv=None):
         paths, refs, split = split_images(args)
         train_refs, no_endings = train_references(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map)
+        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         no_end_after, endings_note = caption.bad_endings_setting(args.bad_endings, decoder, word_map, config)
@@ -178,7 +180,7 @@ def main(argv=None):
         return 1
     print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
           f'beam sizes {args.beam_sizes}, {device}, decoder {precision}, bad endings '
-          f"{'avoided' if no_end_after is not None else 'allowed'}")
+          f"{'avoided' if no_end_after is not None else 'allowed'}{', mirrored views' if args.mirror else ''}")
     if endings_note:
         print(f'note: {endings_note}', file=sys.stderr)
     start = time.time()
@@ -217,6 +219,7 @@ def main(argv=None):
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
                                         'checkpoint': caption.checkpoint_label(args.checkpoint), 'precision': precision,
                                         'bad_endings_decoding': 'avoided' if no_end_after is not None else 'allowed',
+                                        'mirror': args.mirror,
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)

@@ -57,6 +57,7 @@ MAX_QUEUE = 256                            # requests waiting for the model beyo
 DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (quantize.py)
+MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOCATOR = 'auto'                         # auto: jemalloc when installed (a flat resident size under load) | glibc
 SAMPLES = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
@@ -222,7 +223,7 @@ class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
     def __init__(self, checkpoint, device, max_len, length_norm, no_repeat_ngram=NO_REPEAT_NGRAM, word_map=WORD_MAP,
-                 precision='auto', bad_endings='avoid'):
+                 precision='auto', bad_endings='avoid', mirror=False):
         import torch
 
         import datasets
@@ -230,7 +231,7 @@ class Captioner:
         self.torch = torch
         self.device = utils.get_device(device)
         self.encoder, self.decoder, self.word_map, self.config = caption.load_captioner(checkpoint, self.device,
-                                                                                        word_map)
+                                                                                        word_map, mirror)
         self.decoder, self.precision = quantize.apply_precision(self.decoder, precision, self.device)   # once
         self.no_end_after, self.endings_note = caption.bad_endings_setting(bad_endings, self.decoder, self.word_map,
                                                                            self.config)
@@ -364,7 +365,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
                max_upload_mb=MAX_UPLOAD_MB, max_megapixels=MAX_MEGAPIXELS, max_batch=MAX_BATCH,
                batch_wait_ms=BATCH_WAIT_MS, max_queue=MAX_QUEUE, max_len=MAX_LEN, length_norm=LENGTH_NORM,
                samples=SAMPLES, page=PAGE, decode_workers=DECODE_WORKERS, no_repeat_ngram=NO_REPEAT_NGRAM,
-               word_map=WORD_MAP, precision=PRECISION, bad_endings=BAD_ENDINGS):
+               word_map=WORD_MAP, precision=PRECISION, bad_endings=BAD_ENDINGS, mirror=MIRROR):
     """Load the model and build the FastAPI app (ImportError naming the extras when they are missing)."""
     missing = missing_extras()
     if missing:
@@ -383,7 +384,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
         raise ValueError(f'--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or more')
     trimmer = allocator.Trimmer()         # less resident memory under load (allocator.py)
     batcher = Batcher(lambda: Captioner(checkpoint, device, max_len, length_norm, no_repeat_ngram, word_map, precision,
-                                        bad_endings),
+                                        bad_endings, mirror),
                       max_batch, batch_wait_ms / 1000, max_queue, after_batch=trimmer.maybe_trim)
     captioner = batcher.start()           # loaded on the model thread, where all torch work runs (Batcher)
     with open(page, encoding='utf-8') as f:
@@ -447,7 +448,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
     async def healthz():
         return {'status': 'ok', 'checkpoint': caption.checkpoint_label(checkpoint, basename=True),
                 'device': str(captioner.device), 'precision': captioner.precision,
-                'bad_endings': 'avoided' if captioner.no_end_after is not None else 'allowed',
+                'bad_endings': 'avoided' if captioner.no_end_after is not None else 'allowed', 'mirror': mirror,
                 'has_attention': captioner.has_attention, 'beam_size': beam_size, 'max_beam_size': max_beam_size,
                 'max_upload_mb': max_upload_mb, 'queued': batcher.pending(), 'batches': batcher.batches,
                 'note': caption.provided_note(checkpoint)}   # what the provided models know, or None
@@ -509,6 +510,7 @@ def parse_args(argv=None):
     p.add_argument('--samples', default=SAMPLES, help='folder of sample photos the page offers (default: %(default)s)')
     quantize.add_argument(p, PRECISION)
     caption.add_bad_endings_argument(p, BAD_ENDINGS)
+    caption.add_mirror_argument(p, MIRROR)
     p.add_argument('--allocator', choices=['auto', 'glibc'], default=ALLOCATOR,
                    help='auto: restart once with jemalloc preloaded when libjemalloc2 is installed (flat memory '
                         'under load, docs/speed.md); glibc: the C library\'s malloc, arenas capped and trimmed '
@@ -534,7 +536,7 @@ def main(argv=None):
                          args.max_megapixels, args.max_batch, args.batch_wait_ms, args.max_queue, args.max_len,
                          args.length_norm, args.samples, decode_workers=args.decode_workers,
                          no_repeat_ngram=args.no_repeat_ngram, word_map=args.word_map, precision=args.precision,
-                         bad_endings=args.bad_endings)
+                         bad_endings=args.bad_endings, mirror=args.mirror)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

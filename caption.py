@@ -1,6 +1,7 @@
 """Captioning with a trained model: the one beam search (used by validation, evaluation and
 inference), model loading from a checkpoint, and attention figures.
 """
+import argparse
 import math
 import os
 
@@ -344,6 +345,13 @@ def add_bad_endings_argument(parser, default='avoid'):
                              'the model decides (default: %(default)s)')
 
 
+def add_mirror_argument(parser, default=False):
+    """The --mirror flag of 02, 03 and 04."""
+    parser.add_argument('--mirror', action=argparse.BooleanOptionalAction, default=default,
+                        help='also decode every photo flipped left to right, as one more ensemble member per model '
+                             '(test-time augmentation, ensemble.py): twice the model time (default: %(default)s)')
+
+
 def bad_endings_setting(choice, decoder, word_map, config):
     """--bad-endings -> (the token ids to pass as beam_search's no_end_after, or None; a note to print
     when 'avoid' cannot apply, else None)."""
@@ -369,20 +377,21 @@ def no_end_ids(decoder, word_map, endings):
     return sorted(i for w, i in word_map.items() if w in bad)
 
 
-def load_captioner(checkpoint_path, device, word_map=None):
+def load_captioner(checkpoint_path, device, word_map=None, mirror=False):
     """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
     file, or from several as an ensemble (ensemble.py: one list of two or more paths). `word_map`:
     the WORDMAP_*.json of a checkpoint of the tutorial, converted as it loads (tutorial_import.py).
-    config['endings'] is the checkpoint's (the first member's) TRAIN ending statistics or None
-    (checkpoint.endings)."""
+    `mirror`: every model also decodes the photo flipped left to right, as one more ensemble member
+    (ensemble.py). config['endings'] is the checkpoint's (the first member's) TRAIN ending
+    statistics or None (checkpoint.endings)."""
     import tutorial_import
     paths = checkpoint_paths(checkpoint_path)
-    if len(paths) > 1:
+    if len(paths) > 1 or mirror:
         if word_map:
-            raise ValueError('--word-map converts one tutorial checkpoint: convert it with tools/convert_tutorial.py '
-                             'to decode it in an ensemble')
+            raise ValueError(f"--word-map converts one tutorial checkpoint: convert it with tools/convert_tutorial.py "
+                             f"to decode it {'mirrored' if mirror else 'in an ensemble'}")
         import ensemble
-        return ensemble.load_ensemble(paths, device)
+        return ensemble.load_ensemble(paths, device, mirror)
     ckpt = tutorial_import.load_checkpoint(paths[0], word_map)   # this suite's checkpoint, or the tutorial's
     encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
     return encoder, decoder, ckpt['word_map'], {**ckpt['config'], 'endings': checkpoint.endings(ckpt, paths[0])}

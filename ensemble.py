@@ -15,6 +15,11 @@ batching, beam_search), the members' inputs and features are packed into one ten
 
 Members must share the word map and the tokenizer (the averaged distributions are over one
 vocabulary). Attention maps, where shown, are the first member's.
+
+Mirrored views (`--mirror` in 02, 03, 04; test-time augmentation): every member also sees the photo
+flipped left to right, as one more member with the same weights. The encoder runs on the image and
+its mirror image in one batch; the packed features then hold [member 1, member 1 mirrored, member 2,
+...], and the decoder lists each member twice. One checkpoint with mirroring is an ensemble of two.
 """
 import torch
 import torch.nn.functional as F
@@ -28,23 +33,30 @@ from decoders import Decoder
 class EnsembleEncoder(nn.Module):
     """Packed images [B, sum_i 3 S_i^2] -> packed features [B, 1, sum_i P_i C_i] (module docstring)."""
 
-    def __init__(self, members):
+    def __init__(self, members, mirror=False):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.name = '+'.join(e.name for e in members)
+        self.mirror = bool(mirror)                                      # each member also sees the mirror image
+        self.name = '+'.join(e.name for e in members) + ('+mirror' if mirror else '')
         self.image_size = max(e.image_size for e in members)           # what photos are decoded at
 
     def input_sizes(self):
         return [3 * e.image_size ** 2 for e in self.members]
 
     def feature_shapes(self):
-        """[(P_i, C_i)]: each member's grid cells and channels."""
-        return [(e.encoded_image_size ** 2, e.encoder_dim) for e in self.members]
+        """[(P_i, C_i)]: each member's grid cells and channels (twice per member with mirroring)."""
+        return [(e.encoded_image_size ** 2, e.encoder_dim) for e in self.members for _ in range(1 + self.mirror)]
 
     def forward(self, images):
         B = images.size(0)
         parts = torch.split(images.reshape(B, -1), self.input_sizes(), dim=1)
-        feats = [e(x.view(B, 3, e.image_size, e.image_size)).reshape(B, -1) for e, x in zip(self.members, parts)]
+        feats = []
+        for e, x in zip(self.members, parts):
+            x = x.view(B, 3, e.image_size, e.image_size)
+            if self.mirror:                                             # [2B, 3, S, S]: the image, then its mirror
+                x = torch.cat([x, x.flip(-1)])
+            f = e(x).reshape(-1, B, 1, e.encoded_image_size ** 2 * e.encoder_dim)
+            feats.append(f.transpose(0, 1).reshape(B, -1))               # [B, (1 or 2) * P_i * C_i]
         return torch.cat(feats, dim=1).unsqueeze(1)                           # [B, 1, sum P_i C_i]
 
 
@@ -111,10 +123,12 @@ class EnsembleDecoder(Decoder):
         raise RuntimeError('an ensemble only decodes (beam search, sampling): train its members one at a time')
 
 
-def load_ensemble(paths, device='cpu'):
+def load_ensemble(paths, device='cpu', mirror=False):
     """Checkpoint files -> (EnsembleEncoder, EnsembleDecoder, word map, the first member's config with
-    'ensemble': the paths), in eval mode on `device`. ValueError names the member that does not fit."""
-    if len(paths) < 2:
+    'ensemble': the paths and 'mirror'), in eval mode on `device`. With `mirror` each member also
+    decodes the mirror image (module docstring), and one checkpoint is enough. ValueError names the
+    member that does not fit."""
+    if len(paths) < 2 and not mirror:
         raise ValueError('an ensemble needs at least two checkpoints')
     encoders, decoders, first = [], [], None
     for path in paths:
@@ -134,6 +148,7 @@ def load_ensemble(paths, device='cpu'):
             raise ValueError(f'{path}: its decoder scores another vocabulary than {first[0]} (e.g. GPT-2 tokens)')
         encoders.append(encoder)
         decoders.append(decoder)
-    encoder = EnsembleEncoder(encoders).to(device).eval()
+    encoder = EnsembleEncoder(encoders, mirror).to(device).eval()
+    decoders = [d for d in decoders for _ in range(1 + bool(mirror))]     # the same module twice: shared weights
     decoder = EnsembleDecoder(decoders, encoder.feature_shapes()).to(device).eval()
-    return encoder, decoder, first[1], {**first[3], 'ensemble': [str(p) for p in paths]}
+    return encoder, decoder, first[1], {**first[3], 'ensemble': [str(p) for p in paths], 'mirror': bool(mirror)}

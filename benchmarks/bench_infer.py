@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--json', action='store_true')
     quantize.add_argument(p)
+    caption.add_mirror_argument(p)
     p.add_argument('--profile', action='store_true', help='print a torch.profiler table of each beam search')
     return p.parse_args(argv)
 
@@ -70,8 +71,8 @@ def median_time(fn, repeats, device):
 
 def load_model(args, device):
     if args.checkpoint:
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device)
-        name = caption.checkpoint_label(args.checkpoint, basename=True)
+        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, mirror=args.mirror)
+        name = caption.checkpoint_label(args.checkpoint, basename=True) + (' (mirrored too)' if args.mirror else '')
         return encoder, decoder, word_map, f"{name} ({config['decoder']})"
     torch.manual_seed(0)
     encoder = models.Encoder(args.encoder, 'none')

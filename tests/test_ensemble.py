@@ -208,3 +208,54 @@ def test_the_server_captions_with_an_ensemble_as_the_pipeline_does(tiny_checkpoi
     assert not failures and body['words'] == hyp[3]['words']
     assert body['beams'][0]['score'] == pytest.approx(hyp[3]['score'], abs=1e-3)
     assert body['attention']['grid'] == 2 and len(body['attention']['maps']) == len(body['words'])   # the first member's
+
+
+def test_mirror_adds_each_models_view_of_the_flipped_photo(tiny_checkpoint, second_checkpoint, synth_data):
+    """--mirror: every member also decodes the photo flipped left to right, as one more member with
+    the same weights; the features are exactly those of the flipped image, and a photo that is its own
+    mirror image decodes as without mirroring (the extra member agrees with the first)."""
+    folder, name = synth_data
+    paths = datasets.read_paths_pickle(os.path.join(folder, f'VAL_paths_{name}.pkl'))[:3]
+    both = [tiny_checkpoint, second_checkpoint]
+    encoder, ens, word_map, config = caption.load_captioner(both, 'cpu', mirror=True)
+    assert config['mirror'] and ens.shapes == [(4, 512), (4, 512), (9, 512), (9, 512)]
+    assert ens.members[0] is ens.members[1] and ens.members[2] is ens.members[3]   # shared, not copied
+    transform = datasets.image_transform(encoder)
+    images = torch.stack([transform(datasets.load_image(p, transform.size)) for p in paths])
+    with torch.inference_mode():
+        got = encoder(images).squeeze(1)
+        plain_enc, _, _, _ = caption.load_captioner(both, 'cpu')
+        expect = []
+        for member, x in zip(plain_enc.members, torch.split(images, plain_enc.input_sizes(), dim=1)):
+            x = x.reshape(len(paths), 3, member.image_size, member.image_size)
+            expect += [member(x).reshape(len(paths), -1), member(x.flip(-1)).reshape(len(paths), -1)]
+    assert torch.allclose(got, torch.cat(expect, 1), atol=1e-5)
+
+    symmetric = images.reshape(len(paths), -1)
+    parts = [x.reshape(len(paths), 3, m.image_size, m.image_size) for m, x in
+             zip(plain_enc.members, torch.split(symmetric, plain_enc.input_sizes(), dim=1))]
+    symmetric = torch.cat([torch.cat([x[..., :x.size(-1) // 2], x[..., :x.size(-1) // 2].flip(-1)], -1).reshape(
+        len(paths), -1) for x in parts], 1)                                      # left half + its mirror
+    _, plain, _, _ = caption.load_captioner(both, 'cpu')
+    with torch.inference_mode():
+        mirrored = caption.beam_search(ens, encoder(symmetric), word_map, beam_size=3)
+        alone = caption.beam_search(plain, plain_enc(symmetric), word_map, beam_size=3)
+    assert [h['tokens'] for h in mirrored] == [h['tokens'] for h in alone]
+    assert [h['score'] for h in mirrored] == pytest.approx([h['score'] for h in alone], abs=1e-4)
+
+
+def test_mirror_works_for_one_checkpoint_in_02_and_03(tiny_checkpoint, synth_data, tmp_path, capsys):
+    folder, _ = synth_data
+    out = tmp_path / 'metrics.json'
+    assert script('03_evaluate').main(['--checkpoint', tiny_checkpoint, '--data-folder', folder, '--split', 'TEST',
+                                       '--metrics', 'nltk', '--mirror', '--out', str(out)]) == 0
+    assert json.load(open(out))['mirror'] is True
+    photos = os.path.join(REPO, 'assets', 'samples')
+    o = str(tmp_path / 'o')
+    assert script('02_inference').main(['--img', photos, '--checkpoint', tiny_checkpoint, '--out', o, '--mirror',
+                                        '--visualize']) == 0
+    assert len(json.load(open(os.path.join(o, 'captions.json')))) == len(datasets.list_images(photos))
+    capsys.readouterr()
+    # the run's captions came from mirrored decoding: adding to it without --mirror is refused
+    assert script('02_inference').main(['--img', photos, '--checkpoint', tiny_checkpoint, '--out', o]) != 0
+    assert 'mirror' in capsys.readouterr().err
