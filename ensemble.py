@@ -53,10 +53,8 @@ class EnsembleEncoder(nn.Module):
         feats = []
         for e, x in zip(self.members, parts):
             x = x.view(B, 3, e.image_size, e.image_size)
-            if self.mirror:                                             # [2B, 3, S, S]: the image, then its mirror
-                x = torch.cat([x, x.flip(-1)])
-            f = e(x).reshape(-1, B, 1, e.encoded_image_size ** 2 * e.encoder_dim)
-            feats.append(f.transpose(0, 1).reshape(B, -1))               # [B, (1 or 2) * P_i * C_i]
+            views = [e(x)] + ([e(x.flip(-1))] if self.mirror else [])    # the image, its mirror: two passes of
+            feats += [f.reshape(B, -1) for f in views]                    # B (one of 2B was slower on the CPU)
         return torch.cat(feats, dim=1).unsqueeze(1)                           # [B, 1, sum P_i C_i]
 
 
