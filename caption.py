@@ -349,7 +349,7 @@ def add_mirror_argument(parser, default=False):
     """The --mirror flag of 02, 03 and 04."""
     parser.add_argument('--mirror', action=argparse.BooleanOptionalAction, default=default,
                         help='also decode every photo flipped left to right, as one more ensemble member per model '
-                             '(test-time augmentation, ensemble.py): twice the model time (default: %(default)s)')
+                             '(test-time augmentation, ensemble.py): about twice the model time (default: %(default)s)')
 
 
 def bad_endings_setting(choice, decoder, word_map, config):

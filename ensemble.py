@@ -17,9 +17,9 @@ Members must share the word map and the tokenizer (the averaged distributions ar
 vocabulary). Attention maps, where shown, are the first member's.
 
 Mirrored views (`--mirror` in 02, 03, 04; test-time augmentation): every member also sees the photo
-flipped left to right, as one more member with the same weights. The encoder runs on the image and
-its mirror image in one batch; the packed features then hold [member 1, member 1 mirrored, member 2,
-...], and the decoder lists each member twice. One checkpoint with mirroring is an ensemble of two.
+flipped left to right, as one more member with the same weights. Each member's encoder runs twice,
+on the image and on its mirror image; the packed features then hold [member 1, member 1 mirrored,
+member 2, ...], and the decoder lists each member twice. One checkpoint with mirroring is an ensemble of two.
 """
 import torch
 import torch.nn.functional as F

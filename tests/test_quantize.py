@@ -127,7 +127,7 @@ def test_int8_on_a_gpu_device_is_one_line_from_the_scripts(tiny_checkpoint, tmp_
     import utils
     monkeypatch.setattr(utils, 'get_device', lambda name, local_rank=0: torch.device('cuda'))
     monkeypatch.setattr(caption, 'load_captioner',
-                        lambda path, device, word_map=None: (None, tiny_decoder('sat', 20, 8), {}, {}))
+                        lambda path, device, word_map=None, mirror=False: (None, tiny_decoder('sat', 20, 8), {}, {}))
     rc = script('02_inference').main(['--img', os.path.join(SAMPLES, 'coffee.jpg'), '--checkpoint', tiny_checkpoint,
                                       '--precision', 'int8', '--out', str(tmp_path / 'o')])
     err = capsys.readouterr().err.strip()
