@@ -4,6 +4,7 @@
     python 02_inference.py --img photos/ --beam-size 5 --visualize --out outputs/photos
     python 02_inference.py --img photos/ --checkpoint runs/.../BEST_checkpoint_....pt
     python 02_inference.py --img a.jpg b.jpg more_photos/     # several files and folders
+    python 02_inference.py --img photo.jpg --checkpoint flickr8k-cn   # the provided Chinese pair
 
     torchrun --nproc_per_node=4 02_inference.py --img big/ --out out/   # shared over 4 processes/GPUs
 
@@ -56,8 +57,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--img', nargs='+', default=[IMG], help='image files and/or folders (default: %(default)s)')
     p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
-                   help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
-                        'must share the word map) (default: %(default)s)')
+                   help=caption.CHECKPOINT_HELP)
     p.add_argument('--word-map', default=WORD_MAP,
                    help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
                         'the file is converted as it loads (docs/tutorial-checkpoints.md)')

@@ -487,8 +487,7 @@ def create_app(checkpoint=CHECKPOINT, device=DEVICE, beam_size=BEAM_SIZE, max_be
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
-                   help='a checkpoint, or several to decode as an ensemble (their mean word distribution; they '
-                        'must share the word map) (default: %(default)s)')
+                   help=caption.CHECKPOINT_HELP)
     p.add_argument('--word-map', default=WORD_MAP,
                    help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
                         'the file is converted as it loads (docs/tutorial-checkpoints.md)')

@@ -20,11 +20,20 @@ PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientn
 PROVIDED_LITE2 = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')       # shipped
 # The default of 02, 03, 04: both, as an ensemble (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
 DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]
+# The Chinese default: the Flickr8k-CN Lite0 and Lite2 models as an ensemble (docs/data.md)
+PROVIDED_CN = [os.path.join(REPO_DIR, 'checkpoints', f'flickr8k_cn_efficientnet_{e}_fp16.pt') for e in ('lite0', 'lite2')]
+# Names that --checkpoint takes for the provided ensembles (a file of that name comes first)
+PROVIDED_MODELS = {'flickr8k': DEFAULT_CHECKPOINTS, 'flickr8k-cn': PROVIDED_CN}
+CHECKPOINT_HELP = ('a checkpoint, or several to decode as an ensemble (their mean word distribution; they must share '
+                   f"the word map), or a provided ensemble by name: {' | '.join(PROVIDED_MODELS)} (Chinese) "
+                   '(default: %(default)s)')
 # What the provided models know: 02 prints it and the page shows it when they are in use
 PROVIDED_NOTE = ('the provided checkpoints learned from Flickr8k, which shows people, dogs and outdoor scenes only '
                  '(the bundled cat photo becomes "a man is playing with a toy"); for everyday photos use a COCO '
                  "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "
                  'GPT-2, or 01_train.py on COCO with a GPU')
+PROVIDED_NOTE_CN = PROVIDED_NOTE.replace('Flickr8k,', 'Flickr8k-CN (Chinese captions of the Flickr8k photos),').replace(
+    '"a man is playing with a toy"', '"一只狗在玩耍", a dog is playing')
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
 DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
                              # the default of 02, 03, 04 and training's validation; beam_search's own is 0
@@ -316,8 +325,12 @@ def search_images(decoder, encoder_out, word_map, **beam_kw):
 
 
 def checkpoint_paths(checkpoint_path):
-    """A path, or several (an ensemble) -> a list of paths."""
-    return [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    """A path, or several (an ensemble), each of which may be the name of a provided ensemble
+    (PROVIDED_MODELS, unless a file has that name) -> a list of paths."""
+    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    def expand(p):
+        return PROVIDED_MODELS[p] if isinstance(p, str) and p in PROVIDED_MODELS and not os.path.exists(p) else [p]
+    return [q for p in paths for q in expand(p)]
 
 
 def checkpoint_label(checkpoint_path, basename=False):
@@ -327,11 +340,14 @@ def checkpoint_label(checkpoint_path, basename=False):
 
 
 def provided_note(checkpoint_path):
-    """PROVIDED_NOTE when every checkpoint is one of the provided Flickr8k ones (checkpoints/flickr8k_*), else None."""
+    """PROVIDED_NOTE when every checkpoint is one of the provided Flickr8k ones (checkpoints/flickr8k_*),
+    PROVIDED_NOTE_CN when they are the Chinese ones (checkpoints/flickr8k_cn_*), else None."""
     paths = checkpoint_paths(checkpoint_path)
     provided = all(os.path.basename(p).startswith('flickr8k_') and
                    os.path.dirname(os.path.abspath(p)) == os.path.join(REPO_DIR, 'checkpoints') for p in paths)
-    return PROVIDED_NOTE if provided else None
+    if not provided:
+        return None
+    return PROVIDED_NOTE_CN if all(os.path.basename(p).startswith('flickr8k_cn_') for p in paths) else PROVIDED_NOTE
 
 
 BAD_ENDINGS = ('avoid', 'allow')

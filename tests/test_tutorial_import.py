@@ -257,6 +257,8 @@ def test_the_provided_models_say_what_they_know(tmp_path):
     Flickr8k checkpoints only (tests/test_serve_browser.py checks the page)."""
     assert 'Flickr8k' in caption.provided_note(caption.DEFAULT_CHECKPOINTS) and 'COCO' in caption.PROVIDED_NOTE
     assert caption.provided_note(caption.PROVIDED_CHECKPOINT) == caption.PROVIDED_NOTE
+    assert caption.provided_note('flickr8k-cn') == caption.PROVIDED_NOTE_CN and '一只狗在玩耍' in caption.PROVIDED_NOTE_CN
+    assert 'Flickr8k-CN' in caption.PROVIDED_NOTE_CN and 'COCO' in caption.PROVIDED_NOTE_CN
     elsewhere = str(tmp_path / os.path.basename(caption.PROVIDED_CHECKPOINT))   # a user's file of the same name
     assert caption.provided_note(elsewhere) is None
     assert caption.provided_note([caption.PROVIDED_CHECKPOINT, elsewhere]) is None
