@@ -16,18 +16,16 @@
         --val-image-folder aic/val                         # AI Challenger 2017 (COCO's captions_*2017.json alike)
     python 00_create_input_files.py --language zh         # the synthetic set with Chinese captions
 
-Edit the constants below or pass flags (flags win). Outputs are described in prepare.py.
+Edit the constants below or pass flags (flags win). Outputs are described in captioning/preparation/prepare.py.
 """
 import argparse
 import os
 import sys
 import time
 
-import formats
-import prepare
-import synthetic
-import text
 import utils
+from captioning import text
+from captioning.preparation import formats, prepare, synthetic
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATASET = 'synthetic'       # coco | flickr8k | flickr30k | synthetic | any name for your own captions

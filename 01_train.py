@@ -1,23 +1,23 @@
 """Step 1: train a captioning model on the files 00_create_input_files.py wrote: an encoder (--encoder)
-and any decoder of decoders.DECODERS (--decoder: sat, the Show, Attend and Tell default; dot_attention;
-show_tell; repeat_bilstm; clipcap), with one of two objectives (--objective): cross-entropy with
-teacher forcing (xe) or self-critical training with a CIDEr-D reward (scst).
+and any decoder of the registry in captioning/decoders/registry.py (--decoder: sat, the Show, Attend
+and Tell default; dot_attention; show_tell; repeat_bilstm; transformer; clipcap), with one of two
+objectives (--objective): cross-entropy with teacher forcing (xe) or self-critical training (scst).
 
     python 01_train.py                                    # the synthetic set a bare step 0 built
     python 01_train.py --data-folder data --data-name coco_5_cap_per_img_5_min_word_freq \\
         --encoder resnet101 --batch-size 256 --workers 8  # the tutorial's COCO run, on a GPU
-    python 01_train.py --init-from runs/coco_5_cap_per_img_5_min_word_freq/BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pt \\
-        --fine-tune-encoder --encoder-lr 1e-4               # stage 2: fine-tune the encoder
+    python 01_train.py --init-from runs/coco_.../BEST_checkpoint_coco_....pt \\
+        --fine-tune-encoder --encoder-lr 1e-4             # stage 2: fine-tune the encoder
     python 01_train.py --resume runs/.../checkpoint_....pt    # continue exactly where a run stopped
     torchrun --nproc_per_node=4 01_train.py ...          # several GPUs (DistributedDataParallel)
 
     python 01_train.py --objective scst --init-from runs/.../BEST_checkpoint_....pt   # stage 3: self-critical
-                                                          # training (CIDEr-D reward, scst.py)
+                                                          # training (CIDEr-D reward, captioning/training/scst.py)
 
 Edit the constants below or pass flags (flags win). The model is selected by BLEU-4 (--select-by;
 self-critical runs: CIDEr) of captions it generates for the VAL images (scored against every raw
-reference), not by teacher-forced scores. Each epoch logs both VAL BLEU-4 and CIDEr-D (cider.py, df
-from the scored VAL references). Ctrl-C saves a resumable checkpoint and exits.
+reference), not by teacher-forced scores. Each epoch logs both VAL BLEU-4 and CIDEr-D
+(captioning/scoring/cider.py, df from the scored VAL references). Ctrl-C saves a resumable checkpoint and exits.
 """
 import argparse
 import os
@@ -30,21 +30,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import checkpoint
-import curves
 import datasets
-import sharding
-import text
 import utils
-import caption
-from checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
+from captioning import checkpoint, text
+from captioning.checkpoint import encoder_weights_for, restore_encoder, selected_decoder_state
+from captioning.decoders.registry import DECODERS
+from captioning.decoding import search
+from captioning.scale import sharding
+from captioning.training import curves
+from captioning.training.objective import SCST_SUMS, Objective
+from captioning.training.run_folder import RunFolder, Stopper, check_run_folder
+from captioning.training.scst import BASELINES, SelfCritical
+from captioning.training.validation import SELECT_KEYS, Validation
 from datasets import ImageBatchSampler
-from decoders import DECODERS
 from models import DECODER_SETTINGS, ENCODERS, build_models, default_grid
-from objective import Objective
-from run_folder import RunFolder, Stopper, check_run_folder
-from scst import BASELINES, SelfCritical
-from validation import SELECT_KEYS, Validation, _broadcast
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
 DATA_FOLDER = 'data'            # folder with the files written by 00_create_input_files.py
@@ -59,10 +58,10 @@ IMAGE_SIZE = 0                  # encoder input side (0 = the encoder's own: res
 ENCODED_IMAGE_SIZE = 0          # attention grid side (0 = the encoder's: resnet 14 as the tutorial,
                                 # efficientnet_lite0/1/2 its native map, IMAGE_SIZE / 32 rounded up: 7, 8, 9)
 DECODER = 'sat'                 # sat (Show, Attend and Tell) | dot_attention | show_tell | repeat_bilstm | clipcap
-                                # | transformer (transformer_decoder.py)
-# Decoder settings: None = the decoder's own default (decoders.py: sat 512/512/512, dropout 0.5,
+                                # | transformer (captioning/decoders/transformer_decoder.py)
+# Decoder settings: None = the decoder's own default (captioning/decoders/registry.py: sat 512/512/512, dropout 0.5,
 # alpha_c 1; dot_attention seed 001's 256/512/768, alpha_c 0.2; show_tell and repeat_bilstm 256/256;
-# clipcap.py: scratch LM of 4 blocks x 256 wide, 4 heads, MLP mapping, prefix 10, dropout 0.1)
+# captioning/decoders/clipcap.py: scratch LM of 4 blocks x 256 wide, 4 heads, MLP mapping, prefix 10, dropout 0.1)
 EMB_DIM = None                  # word embedding size (repeat_bilstm: its image layer)
 ATTENTION_DIM = None            # attention size (sat, dot_attention)
 DECODER_DIM = None              # LSTM hidden size
@@ -95,8 +94,8 @@ SCST_SAMPLES = 5                # captions sampled per image per step (scst)
 SCST_BASELINE = 'mean'          # mean: of the image's other samples | greedy: its greedy caption's reward
 SCST_MAX_LEN = 20               # most tokens (words + <end>) of a sampled caption
 SCST_DROPOUT = False            # sample with the decoder's dropout on, differentiating the samples under the
-                                # masks that drew them (scst.py); off: no dropout, teacher-forced re-scoring
-SCST_END_TOKEN = True           # scst: the reward's CIDEr-D counts <end> as a word (scst.py), so a caption cut
+                                # masks that drew them (training/scst.py); off: no dropout, teacher-forced re-scoring
+SCST_END_TOKEN = True           # scst: the reward's CIDEr-D counts <end> as a word (training/scst.py), so a caption cut
                                 # short ("a man in a red <end>") no longer scores like a finished one
 SCST_DECODER_LR = 5e-5          # the decoder learning rate of a self-critical run unless --decoder-lr is given
 SELECT_BY = 'auto'              # VAL metric that selects BEST and drives the schedule: BLEU-4 | CIDEr
@@ -111,7 +110,7 @@ FINE_TUNE_FROM = ''             # first encoder layer to train ('' = the encoder
                                 # _blocks.11, efficientnet_lite1 and lite2 _blocks.15)
 CACHE_FEATURES = True           # frozen encoder: run it once over the data, train from fp16 features on disk
 VAL_BEAM_SIZE = 1               # beam size of the VAL captions used for model selection (1 = greedy)
-VAL_NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # ... which repeat no n-gram of this size (0 = off)
+VAL_NO_REPEAT_NGRAM = search.DEFAULT_NO_REPEAT_NGRAM   # ... which repeat no n-gram of this size (0 = off)
 MIN_LEN = 1                     # VAL captions and self-critical samples have at least this many words
 VAL_MAX_IMAGES = 0              # score only the first N VAL images (0 = all)
 MAX_STEPS = 0                   # stop (resumably) after this many steps in this run (0 = no limit)
@@ -132,7 +131,6 @@ RESUME_OVERRIDABLE = {'epochs', 'workers', 'log_every', 'save_every', 'max_steps
                       'data_folder', 'resume', 'early_stop', 'overwrite', 'tensorboard'}
 # Model-shape settings that --init-from takes from its checkpoint.
 MODEL_KEYS = ('encoder', 'image_size', 'encoded_image_size', 'decoder', 'decoder_args')
-
 
 
 def make_parser(suppress=False):
@@ -228,8 +226,7 @@ def make_parser(suppress=False):
 # Allowed ranges, checked before any work: flag -> (lowest, highest, how the bound is meant).
 RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1'), 'workers': (0, None, '0 or more'),
           'val_beam_size': (1, None, 'at least 1 (1 = greedy)'), 'val_max_images': (0, None, '0 (all) or more'),
-          'val_no_repeat_ngram': (0, None, '0 (off) or more'),
-          'min_len': (0, None, '0 or more'),
+          'val_no_repeat_ngram': (0, None, '0 (off) or more'), 'min_len': (0, None, '0 or more'),
           'max_steps': (0, None, '0 (no limit) or more'), 'log_every': (0, None, '0 or more'),
           'save_every': (0, None, '0 or more'), 'early_stop': (0, None, '0 (never) or more'),
           'lr_patience': (0, None, '0 or more'), 'image_size': (0, None, '0 (the encoder\'s) or more'),
@@ -237,10 +234,9 @@ RANGES = {'epochs': (1, None, 'at least 1'), 'batch_size': (1, None, 'at least 1
           'attention_dim': (1, None, 'at least 1'), 'decoder_dim': (1, None, 'at least 1'),
           'grad_clip': (0, None, '0 (off) or more'), 'alpha_c': (0, None, '0 or more'),
           'num_layers': (1, None, 'at least 1'), 'prefix_length': (1, None, 'at least 1'),
-          'num_heads': (1, None, 'at least 1'),
-          'clip_length': (1, None, 'at least 1'), 'mapping_layers': (1, None, 'at least 1'),
-          'lm_layers': (1, None, 'at least 1'), 'lm_dim': (1, None, 'at least 1'), 'lm_heads': (1, None, 'at least 1'),
-          'lm_positions': (2, None, 'at least 2'),
+          'num_heads': (1, None, 'at least 1'), 'clip_length': (1, None, 'at least 1'),
+          'mapping_layers': (1, None, 'at least 1'), 'lm_layers': (1, None, 'at least 1'),
+          'lm_dim': (1, None, 'at least 1'), 'lm_heads': (1, None, 'at least 1'), 'lm_positions': (2, None, 'at least 2'),
           'scst_samples': (1, None, 'at least 1'), 'scst_max_len': (1, None, 'at least 1')}
 OPEN_RANGES = {'decoder_lr': (0, None), 'encoder_lr': (0, None), 'lr_decay': (0, 1)}   # lowest < value (<= highest)
 UNIT_RANGES = ('dropout', 'label_smoothing', 'ema_decay')                            # 0 <= value < 1
@@ -347,8 +343,8 @@ def main(argv=None):
 
 class Trainer(Objective, Validation, RunFolder):
     """Everything one training run holds: models, data, optimiser, schedule and position. Its objective
-    (objective.py), validation and model selection (validation.py) and run folder (run_folder.py) are
-    methods it inherits from those modules."""
+    (captioning/training/objective.py), validation and model selection (training/validation.py) and
+    run folder (training/run_folder.py) are methods it inherits from those modules."""
 
     def __init__(self, argv, rank, world, device):
         config, resume_ckpt, init_ckpt = resolve_config(argv, device)
@@ -357,20 +353,33 @@ class Trainer(Objective, Validation, RunFolder):
         self.config, self.rank, self.world, self.device = config, rank, world, device
         self.main = rank == 0
         self.log = print if self.main else (lambda *a, **k: None)
+        self.cuda = device.type == 'cuda'
         folder, name = config['data_folder'], config['data_name']
         datasets.check_complete_set(folder, name)
         self.word_map = datasets.read_word_map(os.path.join(folder, f'WORDMAP_{name}.json'))
-        config['tokenizer'] = text.read_tokenizer(folder, name)   # decoding/scoring in 02/03 (text.py)
+        config['tokenizer'] = text.read_tokenizer(folder, name)   # decoding/scoring in 02/03 (captioning/text.py)
         for ckpt in (resume_ckpt, init_ckpt):
             if ckpt is not None and ckpt['word_map'] != self.word_map:
                 raise SystemExit(f"the word map in {folder} differs from the checkpoint's: was the data re-prepared?")
         utils.seed_everything(config['seed'])
+        self._build_models(resume_ckpt, init_ckpt)
+        self._build_data()
+        self._build_optimisation(resume_ckpt)
+        self._build_objective()
+        self.out_dir = config['out_dir']
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(self.out_dir, f'checkpoint_{name}.pt')
+        self.best_path = os.path.join(self.out_dir, f'BEST_checkpoint_{name}.pt')
+        self.steps_this_run = 0
+        if self.main:
+            self._tidy_run_folder(resume_ckpt)
 
-        # Models
-        ckpt = resume_ckpt or init_ckpt
+    def _build_models(self, resume_ckpt, init_ckpt):
+        """The encoder and decoder, new or from the checkpoint a run resumes or starts from."""
+        config, ckpt = self.config, resume_ckpt or init_ckpt
         weights = encoder_weights_for(ckpt) if ckpt else config['encoder_weights']
-        encoder, decoder = build_models(config, len(self.word_map), weights, self._data_limits(folder, name),
-                                        self.word_map)
+        limits = datasets.caption_limits(config['data_folder'], config['data_name'])
+        encoder, decoder = build_models(config, len(self.word_map), weights, limits, self.word_map)
         config['decoder_args'] = decoder.args()
         config.update({k: config['decoder_args'].get(k) for k in DECODER_SETTINGS})   # what the run uses
         if ckpt:
@@ -379,13 +388,16 @@ class Trainer(Objective, Validation, RunFolder):
             state = ckpt['decoder'] if resume_ckpt else selected_decoder_state(ckpt)
             decoder.load_state_dict(utils.float_state_dict(state))
         encoder.fine_tune(config['fine_tune_encoder'], config['fine_tune_from'] or None)
-        self.encoder, self.decoder = encoder.to(device), decoder.to(device)
-        self.cuda = device.type == 'cuda'
+        self.encoder, self.decoder = encoder.to(self.device), decoder.to(self.device)
         self.use_cache = config['cache_features'] and not config['fine_tune_encoder']
 
-        # Data
-        transform = datasets.ImageTransform(**encoder.transform_config())
-        caches = self._feature_caches(transform) if self.use_cache else {}
+    def _build_data(self):
+        """TRAIN (in whole images per batch, shared over the processes) and VAL, from images or cached features."""
+        config, world = self.config, self.world
+        folder, name = config['data_folder'], config['data_name']
+        transform = datasets.ImageTransform(**self.encoder.transform_config())
+        caches = sharding.feature_caches(self.encoder, folder, name, transform, self.device, self.rank, world,
+                                         config['workers'], self.log) if self.use_cache else {}
         self.train_set = datasets.CaptionDataset(folder, name, 'TRAIN', transform, per_image=True,
                                                  features=caches.get('TRAIN'))
         val_set = datasets.CaptionDataset(folder, name, 'VAL', transform, per_image=True, features=caches.get('VAL'))
@@ -401,7 +413,8 @@ class Trainer(Objective, Validation, RunFolder):
             config.update(batch_size=self.images_per_batch * self.cpi, world_size=world)
             self.log(f'resumed on {world} process(es) instead of {saved_world}: {self.images_per_batch * self.cpi} '
                      'captions per process keep the global batch')
-        self.sampler = ImageBatchSampler(self.train_set.num_images, self.images_per_batch, config['seed'], rank, world)
+        self.sampler = ImageBatchSampler(self.train_set.num_images, self.images_per_batch, config['seed'], self.rank,
+                                         world)
         loader_kw = dict(num_workers=config['workers'], pin_memory=self.cuda,
                          persistent_workers=config['workers'] > 0,
                          generator=torch.Generator())   # its own generator: the global RNG stays resumable
@@ -414,9 +427,11 @@ class Trainer(Objective, Validation, RunFolder):
         self.val_loader = DataLoader(torch.utils.data.Subset(val_set, range(n_val)),
                                      batch_size=max(1, 64 // self.cpi), **loader_kw)
 
-        # Optimisation
-        groups = [{'params': [p for p in decoder.parameters() if p.requires_grad], 'lr': config['decoder_lr']}]
-        enc_params = [p for p in encoder.parameters() if p.requires_grad]
+    def _build_optimisation(self, resume_ckpt):
+        """Optimiser, schedule, mixed precision, moving average and the run's position (restored on resume)."""
+        config, device = self.config, self.device
+        groups = [{'params': [p for p in self.decoder.parameters() if p.requires_grad], 'lr': config['decoder_lr']}]
+        enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
         if enc_params:
             groups.append({'params': enc_params, 'lr': config['encoder_lr']})
         self.fine_tuning = bool(enc_params)
@@ -433,10 +448,10 @@ class Trainer(Objective, Validation, RunFolder):
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
         self.ema = None
         if config.get('ema_decay'):
-            self.ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config['ema_decay']))
+            self.ema = AveragedModel(self.decoder, multi_avg_fn=get_ema_multi_avg_fn(config['ema_decay']))
         self.state = {'epoch': 0, 'images_done': 0, 'step': 0, 'best_score': -1.0, 'best_epoch': -1,
                       'epochs_since_improvement': 0,   # the epoch's train loss (and reward) survive a resume:
-                      'epoch_loss_sum': 0.0, 'epoch_loss_steps': 0, 'epoch_scst_sums': [0.0] * 4}
+                      'epoch_loss_sum': 0.0, 'epoch_loss_steps': 0, 'epoch_scst_sums': [0.0] * len(SCST_SUMS)}
         if resume_ckpt:
             self.optimizer.load_state_dict(resume_ckpt['optimizer'])
             self.scheduler.load_state_dict(resume_ckpt['scheduler'])
@@ -449,51 +464,25 @@ class Trainer(Objective, Validation, RunFolder):
             self.log(f"resuming {config['resume']}: epoch {self.state['epoch']}, {self.state['images_done']} "
                      f"images into it, step {self.state['step']}")
 
-        # Self-critical training: the objective module (sampling, reward, loss around the decoder)
+    def _build_objective(self):
+        """What the training step calls: the decoder, or for self-critical training the objective module
+        (sampling, reward, loss around the decoder); DDP wrappers in distributed runs (around the whole
+        objective for scst); a compiled encoder on request."""
+        config = self.config
         self.scst = config['objective'] == 'scst'
-        model = self.objective = decoder
+        model = self.objective = self.decoder
         if self.scst:
-            model = self.objective = SelfCritical(decoder, self._train_reward(), self.word_map, config['scst_samples'],
-                                 config['scst_baseline'], config['scst_max_len'], config['scst_dropout'],
-                                 config['scst_end_token'], config['min_len'])
-
-        # What the training step calls: DDP wrappers in distributed runs (around the whole objective for
-        # scst), a compiled encoder on request
-        self.train_model, self.train_encoder = model, encoder
-        if world > 1:
-            ids = [device.index] if self.cuda else None
+            model = self.objective = SelfCritical(
+                self.decoder, self._train_reward(), self.word_map, config['scst_samples'], config['scst_baseline'],
+                config['scst_max_len'], config['scst_dropout'], config['scst_end_token'], config['min_len'])
+        self.train_model, self.train_encoder = model, self.encoder
+        if self.world > 1:
+            ids = [self.device.index] if self.cuda else None
             self.train_model = DDP(model, device_ids=ids)
-            if enc_params:
-                self.train_encoder = DDP(encoder, device_ids=ids)
+            if self.fine_tuning:
+                self.train_encoder = DDP(self.encoder, device_ids=ids)
         if config['compile'] and not self.use_cache:
             self.train_encoder = torch.compile(self.train_encoder)
-
-        self.out_dir = config['out_dir']
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.ckpt_path = os.path.join(self.out_dir, f'checkpoint_{name}.pt')
-        self.best_path = os.path.join(self.out_dir, f'BEST_checkpoint_{name}.pt')
-        self.steps_this_run = 0
-        if self.main:
-            self._tidy_run_folder(resume_ckpt)
-
-    @staticmethod
-    def _data_limits(folder, name):
-        """What a new decoder may need to know of the data: the positions a caption takes
-        (words + <end>; the non-autoregressive repeat_bilstm sizes itself by it)."""
-        lengths = [n for split in ('TRAIN', 'VAL')
-                   for n in utils.read_json(os.path.join(folder, f'{split}_CAPLENS_{name}.json'), 'caption lengths file')]
-        return {'max_len': max(lengths) - 1}
-
-    def _feature_caches(self, transform):
-        """Build (every process its share) or find the fp16 feature caches of TRAIN and VAL."""
-        caches = {}
-        for split in ('TRAIN', 'VAL'):
-            ds = datasets.CaptionDataset(self.config['data_folder'], self.config['data_name'], split, transform,
-                                         per_image=True)
-            path = datasets.feature_cache_path(ds, self.encoder)
-            caches[split] = sharding.ensure_feature_cache(self.encoder, ds, path, self.device, self.rank, self.world,
-                                                          batch_size=32, workers=self.config['workers'], log=self.log)
-        return caches
 
     def run(self):
         config, state = self.config, self.state
@@ -519,7 +508,7 @@ class Trainer(Objective, Validation, RunFolder):
                              f"with: python 01_train.py --resume {self.ckpt_path}")
                     return 0
                 val_start = time.time()
-                val = _broadcast(self.validate() if self.main else None, self.world)
+                val = sharding.broadcast(self.validate() if self.main else None)
                 stats['val_seconds'] = round(time.time() - val_start, 1)
                 self.end_epoch(stats, val)
                 if config['early_stop'] and state['epochs_since_improvement'] >= config['early_stop']:
@@ -538,7 +527,7 @@ class Trainer(Objective, Validation, RunFolder):
 
     def train_epoch(self, stopper):
         """The (rest of the) current epoch. Returns (None | 'interrupt' | 'max_steps', stats)."""
-        config, state, device, world = self.config, self.state, self.device, self.world
+        config, state, world = self.config, self.state, self.world
         self.train_encoder.train()
         self.train_model.train()
         losses, top5s = utils.AverageMeter(), utils.AverageMeter()
@@ -559,23 +548,18 @@ class Trainer(Objective, Validation, RunFolder):
             self.steps_this_run += 1
             captions_seen += images * per_image
             at_limit = bool(config['max_steps']) and self.steps_this_run >= config['max_steps']
-            # One all-reduce: the global batch's loss (the mean of the processes' parts), the stop
-            # flags (so every process stops at the same step) and the self-critical sums.
-            shared = torch.tensor([loss.item() / world, float(stopper.requested), float(at_limit)],
-                                  dtype=torch.float64, device=device)
-            if sums is not None:
-                shared = torch.cat([shared, sums.to(device, torch.float64)])
-            shared = utils.all_reduce_sum(shared).tolist()
-            loss_value = shared[0]
+            step = self.step_figures(loss, stopper.requested, at_limit, sums)   # the global batch's
+            loss_value = step['loss']
             losses.update(loss_value)
             state['epoch_loss_sum'], state['epoch_loss_steps'] = losses.sum, losses.count
             scst_record = {}
             if sums is not None:
-                epoch_sums = [a + b for a, b in zip(epoch_sums, shared[3:])]
+                epoch_sums = [total + step[k] for total, k in zip(epoch_sums, SCST_SUMS)]
                 state['epoch_scst_sums'] = epoch_sums
-                count = shared[6]
-                scst_record = {'reward': shared[3] / count, 'baseline': shared[4] / count,
-                               'sample_len': shared[5] / count, 'avg_reward': epoch_sums[0] / epoch_sums[3]}
+                epoch = dict(zip(SCST_SUMS, epoch_sums))
+                scst_record = {'reward': step['reward'] / step['samples'], 'sample_len': step['words'] / step['samples'],
+                               'baseline': step['baseline'] / step['samples'],
+                               'avg_reward': epoch['reward'] / epoch['samples']}
             log_now = config['log_every'] and state['step'] % config['log_every'] == 0
             if out is not None and (log_now or steps == 1):
                 top5s.update(utils.topk_accuracy(out.scores.detach().float(), out.targets, 5))
@@ -598,17 +582,18 @@ class Trainer(Objective, Validation, RunFolder):
                         'captions_per_s': rate})
             if config['save_every'] and state['step'] % config['save_every'] == 0:
                 self.save(self.ckpt_path)
-            if shared[1] > 0 or shared[2] > 0:
-                stop = 'interrupt' if shared[1] > 0 else 'max_steps'
+            if step['interrupt'] > 0 or step['at_limit'] > 0:
+                stop = 'interrupt' if step['interrupt'] > 0 else 'max_steps'
                 break
         bar.close()
         stats = {'train_loss': losses.avg, 'train_top5': None if self.scst else top5s.avg, 'steps': steps,
                  'epoch_complete': steps == steps_planned, 'train_seconds': round(time.time() - start, 1),
                  'captions_per_s': captions_seen / max(time.time() - start, 1e-9)}
         if self.scst:
-            count = max(epoch_sums[3], 1.0)
-            stats.update(train_reward=epoch_sums[0] / count, train_baseline=epoch_sums[1] / count,
-                         sample_len=epoch_sums[2] / count)
+            epoch = dict(zip(SCST_SUMS, epoch_sums))
+            count = max(epoch['samples'], 1.0)
+            stats.update(train_reward=epoch['reward'] / count, train_baseline=epoch['baseline'] / count,
+                         sample_len=epoch['words'] / count)
         return stop, stats
 
 if __name__ == '__main__':

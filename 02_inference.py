@@ -27,25 +27,25 @@ import os
 import sys
 import time
 
-import caption
-import quantize
-import streaming
-import text
 import utils
+from captioning import text
+from captioning.decoding import attention_figures, files, loading, options, quantize, search
+from captioning.scale import streaming
 from datasets import list_images, load_image
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
-IMG = os.path.join(caption.REPO_DIR, 'assets', 'samples')   # an image file or a folder of images
-CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
+IMG = os.path.join(loading.REPO_DIR, 'assets', 'samples')   # an image file or a folder of images
+CHECKPOINT = loading.DEFAULT_CHECKPOINTS   # the provided Flickr8k pair (an ensemble), or [your BEST_checkpoint_*.pt]
 WORD_MAP = None                            # the tutorial's WORDMAP_*.json when CHECKPOINT is its .pth.tar
 BEAM_SIZE = 3                              # 1 = greedy
-LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
-NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
+LENGTH_NORM = search.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
+NO_REPEAT_NGRAM = search.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
+PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (captioning/decoding/quantize.py)
 BATCH_SIZE = 16                            # images per batch
 WORKERS = 0                                # DataLoader workers decoding images
 OUT = 'outputs/inference'                  # folder for captions.json/csv and attention figures
@@ -56,22 +56,11 @@ DEVICE = 'auto'                            # auto | cpu | cuda
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--img', nargs='+', default=[IMG], help='image files and/or folders (default: %(default)s)')
-    p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
-                   help=caption.CHECKPOINT_HELP)
-    p.add_argument('--word-map', default=WORD_MAP,
-                   help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
-                        'the file is converted as it loads (docs/tutorial-checkpoints.md)')
+    options.add_model_arguments(p, CHECKPOINT, WORD_MAP)
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='(default: %(default)s)')
-    p.add_argument('--length-norm', type=float, default=LENGTH_NORM,
-                   help='length normalisation exponent (default: %(default)s)')
-    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
-                   help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
-    p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
-    caption.add_bad_endings_argument(p, BAD_ENDINGS)
-    caption.add_mirror_argument(p, MIRROR)
-    p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
-                   help='let captions contain <unk> (default: %(default)s)')
-    p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
+    options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, min_len=MIN_LEN,
+                                   max_len=MAX_LEN, allow_unk=ALLOW_UNK, bad_endings=BAD_ENDINGS, mirror=MIRROR,
+                                   precision=PRECISION)
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='output folder (default: %(default)s)')
@@ -80,7 +69,6 @@ def parse_args(argv=None):
     p.add_argument('--device', default=DEVICE, help='auto, cpu or cuda (default: %(default)s)')
     p.add_argument('--overwrite', action='store_true',
                    help='start over: remove the captions an earlier run left in --out instead of continuing it')
-    quantize.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -92,7 +80,7 @@ SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_
 def run_settings(args):
     """What makes the captions what they are (stored in captions.settings.json next to captions.jsonl)."""
     word_map = {'word_map': streaming.file_settings([args.word_map])} if args.word_map else {}
-    return {'checkpoint': streaming.file_settings(caption.checkpoint_paths(args.checkpoint)), **word_map,
+    return {'checkpoint': streaming.file_settings(loading.checkpoint_paths(args.checkpoint)), **word_map,
             **{k: getattr(args, k) for k in SETTING_FLAGS if hasattr(args, k)}}
 
 
@@ -119,17 +107,17 @@ def main(argv=None):
         if not paths:
             raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
+        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
-        no_end_after, endings_note = caption.bad_endings_setting(args.bad_endings, decoder, word_map, config)
+        no_end_after, endings_note = loading.bad_endings_setting(args.bad_endings, decoder, word_map, config)
         run = streaming.Run(args.out, run_settings(args), rank, world, args.overwrite)
         todo = run.open(paths, args.batch_size)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
-    if rank == 0 and caption.provided_note(args.checkpoint):
-        print(f'note: {caption.provided_note(args.checkpoint)}', file=sys.stderr)
+    if rank == 0 and loading.provided_note(args.checkpoint):
+        print(f'note: {loading.provided_note(args.checkpoint)}', file=sys.stderr)
     if rank == 0 and endings_note:
         print(f'note: {endings_note}', file=sys.stderr)
     log = os.path.join(args.out, streaming.JSONL)
@@ -145,7 +133,7 @@ def main(argv=None):
     failures, captioned, figures, error = [], 0, 0, None
     progress = streaming.Progress(len(todo), 'captioning' if world == 1 else f'captioning (rank {rank} of {world})')
     try:
-        for indices, hyps, bad in caption.caption_batches(
+        for indices, hyps, bad in files.caption_batches(
                 encoder, decoder, word_map, todo, (args.beam_size,), args.batch_size, args.workers, device,
                 max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
                 min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after):
@@ -156,7 +144,7 @@ def main(argv=None):
             try:   # figures first: a kill before the captions are appended redoes the batch, figures included
                 for i, hyp in zip(indices, hyps) if draw else ():
                     words = hyp['words'] + (['<end>'] if hyp['finished'] else [])
-                    caption.save_attention_figure(load_image(todo[i]), words, hyp['alphas'],
+                    attention_figures.save_attention_figure(load_image(todo[i]), words, hyp['alphas'],
                                                   os.path.join(args.out, names[todo[i]]))
                     figures += 1
             finally:   # a figure that does not fit (disk full) still leaves the batch's captions written
@@ -166,7 +154,7 @@ def main(argv=None):
                     progress.write(f"{record['image']}: {record['caption']}")
                 for i, hyp in zip(indices, hyps):
                     if not hyp['words']:
-                        print(f"warning: {todo[i]}: empty caption: {caption.empty_reason(hyp)}", file=sys.stderr)
+                        print(f"warning: {todo[i]}: empty caption: {files.empty_reason(hyp)}", file=sys.stderr)
             progress.update(len(indices) + len(bad))
     except OSError as e:   # disk full, file-size limit, a folder made read-only meanwhile: the summary still comes
         error = utils.describe_error(e)
@@ -182,7 +170,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         total, error = None, error or utils.describe_error(e)
     print(f"\n{captioned} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, {precision}, "
-          f"checkpoint {caption.checkpoint_label(args.checkpoint)}"
+          f"checkpoint {loading.checkpoint_label(args.checkpoint)}"
           f"{f', process {rank} of {world}' if world > 1 else ''}); {len(failures)} skipped"
           f"{f'; {run.skipped} captioned before' if run.skipped else ''}.")
     if error:
@@ -204,7 +192,7 @@ def figure_names(paths):
     """image path -> its attention figure's name, unique over the whole list (so the same on every
     process and in every resumed run)."""
     used = set()
-    return {path: caption.figure_name(path, used) for path in paths}
+    return {path: attention_figures.figure_name(path, used) for path in paths}
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ of bad endings (metrics.bad_ending_rate: the caption's last word ends under 2% o
 the dataset's TRAIN references, read from the prepared TRAIN_REFS file or the Karpathy JSON's train
 split; left out for --coco-json, which has no TRAIN split). These are scores of generated captions,
 unlike the teacher-forced numbers some tutorials report. Captions and references
-are segmented with the checkpoint's tokenizer (text.py): for Chinese (jieba) BLEU, ROUGE-L and CIDEr
+are segmented with the checkpoint's tokenizer (captioning/text.py): for Chinese (jieba) BLEU, ROUGE-L and CIDEr
 are computed on jieba segments without the English PTB tokenizer, and METEOR (English-only) is left out.
 """
 import argparse
@@ -25,17 +25,16 @@ import os
 import sys
 import time
 
-import caption
 import datasets
-import formats
-import metrics
-import sharding
-import quantize
-import text
 import utils
+from captioning import text
+from captioning.decoding import files, loading, options, quantize, search
+from captioning.preparation import formats
+from captioning.scale import sharding
+from captioning.scoring import metrics
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
-CHECKPOINT = caption.DEFAULT_CHECKPOINTS   # the model to score (several paths: their ensemble)
+CHECKPOINT = loading.DEFAULT_CHECKPOINTS   # the model to score (several paths: their ensemble)
 WORD_MAP = None                            # the tutorial's WORDMAP_*.json when CHECKPOINT is its .pth.tar
 DATA_FOLDER = 'data'                       # prepared files (00_create_input_files.py) ...
 DATA_NAME = ''                             # ... their base name ('' = the only one in DATA_FOLDER)
@@ -45,13 +44,14 @@ IMAGE_FOLDER = ''                          # ... and its image folder
 ALLOW_OUTSIDE_PATHS = False                # accept image paths that leave IMAGE_FOLDER (absolute, '..')
 SPLIT = 'TEST'                             # TEST, VAL or TRAIN (Karpathy names test/val/train work too)
 BEAM_SIZES = [3]                           # one row of results per beam size
-LENGTH_NORM = caption.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
-NO_REPEAT_NGRAM = caption.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
+LENGTH_NORM = search.DEFAULT_LENGTH_NORM  # rank beams by score / length ** LENGTH_NORM
+NO_REPEAT_NGRAM = search.DEFAULT_NO_REPEAT_NGRAM   # forbid repeating n-grams of this size (0 = off)
 MIN_LEN = 1                                # at least this many words (a caption of no words is no answer)
 MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
+PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (captioning/decoding/quantize.py)
 BATCH_SIZE = 32
 WORKERS = 0
 MAX_IMAGES = 0                             # score only the first N images (0 = all)
@@ -62,11 +62,7 @@ DEVICE = 'auto'
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', nargs='+', default=CHECKPOINT,
-                   help=caption.CHECKPOINT_HELP)
-    p.add_argument('--word-map', default=WORD_MAP,
-                   help="with a checkpoint of the tutorial (its .pth.tar): the WORDMAP_*.json it was trained with; "
-                        'the file is converted as it loads (docs/tutorial-checkpoints.md)')
+    options.add_model_arguments(p, CHECKPOINT, WORD_MAP)
     p.add_argument('--data-folder', default=DATA_FOLDER, help='prepared files (default: %(default)s)')
     p.add_argument('--data-name', default=DATA_NAME, help="their base name ('' = the only one)")
     p.add_argument('--karpathy-json', default=KARPATHY_JSON, help='evaluate from a Karpathy split JSON instead')
@@ -78,30 +74,23 @@ def parse_args(argv=None):
                    help="accept image paths that leave --image-folder (absolute, '..') (default: %(default)s)")
     p.add_argument('--split', default=SPLIT, help='(default: %(default)s)')
     p.add_argument('--beam-sizes', type=int, nargs='+', default=BEAM_SIZES, help='(default: %(default)s)')
-    p.add_argument('--length-norm', type=float, default=LENGTH_NORM, help='(default: %(default)s)')
-    p.add_argument('--no-repeat-ngram', type=int, default=NO_REPEAT_NGRAM,
-                   help='forbid repeating any n-gram of this size, 0 = off (default: %(default)s)')
-    p.add_argument('--min-len', type=int, default=MIN_LEN, help='(default: %(default)s)')
-    caption.add_bad_endings_argument(p, BAD_ENDINGS)
-    caption.add_mirror_argument(p, MIRROR)
-    p.add_argument('--allow-unk', action=argparse.BooleanOptionalAction, default=ALLOW_UNK,
-                   help='let captions contain <unk> (default: %(default)s)')
-    p.add_argument('--max-len', type=int, default=MAX_LEN, help='(default: %(default)s)')
+    options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, min_len=MIN_LEN,
+                                   max_len=MAX_LEN, allow_unk=ALLOW_UNK, bad_endings=BAD_ENDINGS, mirror=MIRROR,
+                                   precision=PRECISION)
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
     p.add_argument('--max-images', type=int, default=MAX_IMAGES, help='(default: all)')
     p.add_argument('--metrics', choices=('auto', 'coco', 'nltk'), default=METRICS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='metrics.json path')
     p.add_argument('--device', default=DEVICE, help='(default: %(default)s)')
-    quantize.add_argument(p)
     return p.parse_args(argv)
 
 
 def split_images(args):
     """-> (image paths, reference sentences per image, SPLIT) from a Karpathy JSON or prepared files."""
-    split = datasets.SPLIT_NAMES.get(args.split.lower(), args.split.upper())
-    if split not in datasets.SPLITS:
-        raise ValueError(f"--split {args.split!r}: expected one of {', '.join(datasets.SPLITS)}")
+    split = formats.SPLIT_NAMES.get(args.split.lower(), args.split.upper())
+    if split not in utils.SPLITS:
+        raise ValueError(f"--split {args.split!r}: expected one of {', '.join(utils.SPLITS)}")
     if args.coco_json:
         if not args.image_folder or args.karpathy_json:
             raise ValueError('--coco-json needs --image-folder (and no --karpathy-json)')
@@ -165,10 +154,10 @@ def main(argv=None):
         paths, refs, split = split_images(args)
         train_refs, no_endings = train_references(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
+        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
-        no_end_after, endings_note = caption.bad_endings_setting(args.bad_endings, decoder, word_map, config)
+        no_end_after, endings_note = loading.bad_endings_setting(args.bad_endings, decoder, word_map, config)
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
         if args.metrics == 'coco':
             ok, why = metrics.coco_status() if tokenizer == 'words' else metrics.segmented_status()
@@ -177,7 +166,7 @@ def main(argv=None):
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
-    print(f'evaluating {caption.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
+    print(f'evaluating {loading.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
           f'beam sizes {args.beam_sizes}, {device}, decoder {precision}, bad endings '
           f"{'avoided' if no_end_after is not None else 'allowed'}{', mirrored views' if args.mirror else ''}")
     if endings_note:
@@ -208,7 +197,7 @@ def main(argv=None):
         empty = [i for i in scored if not results[i][k]['words']]
         if empty:
             print(f'warning: beam {k}: {len(empty)} empty caption(s), e.g. {paths[empty[0]]}: '
-                  f'{caption.empty_reason(results[empty[0]][k])}', file=sys.stderr)
+                  f'{files.empty_reason(results[empty[0]][k])}', file=sys.stderr)
     print_table(table)
     if endings is None:
         print(f'(bad endings not measured: {no_endings})')
@@ -216,7 +205,7 @@ def main(argv=None):
     if args.out:
         try:
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
-                                        'checkpoint': caption.checkpoint_label(args.checkpoint), 'precision': precision,
+                                        'checkpoint': loading.checkpoint_label(args.checkpoint), 'precision': precision,
                                         'bad_endings_decoding': 'avoided' if no_end_after is not None else 'allowed',
                                         'mirror': args.mirror,
                                         'results': table, 'note': note, 'captions': captions}, indent=1)

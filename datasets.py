@@ -1,10 +1,9 @@
 """What training, evaluation and inference read: images and their transforms, the data-only
 readers of the prepared files, CaptionDataset and the feature cache.
 
-The prepared files (one folder per set) are written by prepare.py (00_create_input_files.py) and
-listed in its docstring; the source formats they come from are read by formats.py.
+The prepared files (one folder per set) are written by captioning/preparation/prepare.py (00_create_input_files.py) and
+listed in its docstring; the source formats they come from are read by captioning/preparation/formats.py.
 """
-import errno
 import hashlib
 import io
 import json
@@ -18,9 +17,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from formats import (SPLIT_NAMES, SPLITS, ImageRecord, read_caption_table,  # noqa: F401 - the readers' names,
-                     read_karpathy)                                           # as datasets.* (formats.py)
-from utils import SPECIAL_TOKENS, atomic_path, check_free_space, read_json, remove_stale_temp, state_dict_digest
+from utils import (SPLITS, SPECIAL_TOKENS, allocate_blocks, atomic_path, check_free_space, read_json, remove_stale_temp,
+                   state_dict_digest)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -231,6 +229,14 @@ def read_paths_pickle(path):
         got = type(paths).__name__ if not isinstance(paths, list) else 'a list holding non-strings'
         raise ValueError(f'{path}: refused: expected a list of image path strings, got {got}')
     return paths
+
+
+def caption_limits(folder, name):
+    """What a new decoder may need to know of prepared data: the positions a caption takes (words +
+    <end>; the non-autoregressive repeat_bilstm sizes itself by it)."""
+    lengths = [n for split in ('TRAIN', 'VAL')
+               for n in read_json(os.path.join(folder, f'{split}_CAPLENS_{name}.json'), 'caption lengths file')]
+    return {'max_len': max(lengths) - 1}
 
 
 def read_word_map(path):
@@ -483,7 +489,7 @@ def build_feature_cache(encoder, dataset, path, device, batch_size=32, workers=0
                 check_free_space(folder, int(np.prod(shape)) * 2 + 4096, f'the {dataset.split} feature cache')
                 try:
                     out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
-                    _allocate(tmp)
+                    allocate_blocks(tmp)
                 except OSError as e:   # numpy's own errors name no file
                     raise OSError(e.errno, e.strerror, path) from None
             out[i:i + len(feats)] = feats.half().cpu().numpy()
@@ -494,17 +500,6 @@ def build_feature_cache(encoder, dataset, path, device, batch_size=32, workers=0
         out.flush()
         del out                                        # closed; renamed to `path` when the block exits
     return FeatureCache(path)
-
-
-def _allocate(path):
-    """Give a (sparse) file its blocks now: ENOSPC here instead of SIGBUS on a memory-mapped write."""
-    with open(path, 'r+b') as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # file system without it
-                return
-            raise OSError(e.errno, e.strerror, path) from None
 
 
 class _Images(Dataset):

@@ -16,8 +16,8 @@ import shutil
 import sys
 import time
 
-import caption
 import datasets
+from captioning.decoding import loading
 
 OUT = 'outputs/demo'
 EPOCHS = 3
@@ -98,13 +98,13 @@ def main(argv=None):
         return 1
 
     step('5/5 the provided Flickr8k checkpoints (an ensemble, the default) on the bundled sample photos')
-    samples = os.path.join(caption.REPO_DIR, 'assets', 'samples')
-    if all(os.path.exists(p) for p in caption.DEFAULT_CHECKPOINTS) and have_lite0() and have_lite2():
-        if infer.main(['--img', samples, '--checkpoint', *caption.DEFAULT_CHECKPOINTS, '--beam-size', '3',
+    samples = os.path.join(loading.REPO_DIR, 'assets', 'samples')
+    if all(os.path.exists(p) for p in loading.DEFAULT_CHECKPOINTS) and have_lite0() and have_lite2():
+        if infer.main(['--img', samples, '--checkpoint', *loading.DEFAULT_CHECKPOINTS, '--beam-size', '3',
                        '--out', os.path.join(out, 'samples'), '--visualize', '--overwrite']) != 0:
             return 1
     else:
-        print(f"skipped: needs {' and '.join(caption.DEFAULT_CHECKPOINTS)} and the EfficientNet-Lite0/Lite2 extras")
+        print(f"skipped: needs {' and '.join(loading.DEFAULT_CHECKPOINTS)} and the EfficientNet-Lite0/Lite2 extras")
 
     print(f'\nDemo finished in {time.time() - start:.0f} s. TEST BLEU-4 (beam 3): {bleu4:.4f}')
     print(f'Outputs in {os.path.abspath(out)}:')

@@ -1,4 +1,4 @@
-"""Models: the CNN encoders (a registry of backbones) and the caption decoders (decoders.py).
+"""Models: the CNN encoders (a registry of backbones) and the caption decoders (captioning/decoders/registry.py).
 
 Encoder: a torchvision ResNet (resnet101 by default, as in the tutorial), VGG19-BN (seed 001) or
 EfficientNet-Lite0/Lite2 with its classifier and pooling removed, plus adaptive pooling to a fixed grid;
@@ -15,8 +15,7 @@ import os
 import torch
 from torch import nn
 
-from decoders import (DECODERS, Attention, DecoderOutput, DecoderWithAttention, build_decoder,  # noqa: F401
-                      caption_loss, decoder_fields, decoder_from_args)
+from captioning.decoders.registry import build_decoder, decoder_fields, decoder_from_args
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -25,7 +24,7 @@ EXTRAS_HINT = 'pip install -r requirements-extras.txt'
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
-    build: str                # name of the function below that builds the backbone: f(name, weights, image_size)
+    build: str                # the backbone's builder in BACKBONE_BUILDERS: f(name, weights, image_size)
     dim: int                  # feature channels
     image_size: int           # default input side
     mean: tuple
@@ -177,7 +176,7 @@ def _efficientnet_lite2(name, weights, image_size):
 def _clip_vision(name, weights, image_size):
     """CLIP's vision model with projection: 'none' random (ViT-B/32's sizes), else a local
     save_pretrained folder or a Hugging Face name (its local cache when offline)."""
-    from clipcap import import_transformers, is_local
+    from captioning.decoders.clipcap import import_transformers, is_local
     transformers = import_transformers()
     spec = encoder_spec(name)
     if weights == 'none':
@@ -201,6 +200,11 @@ def _clip_vision(name, weights, image_size):
     return CLIPImageEmbedding(model), None
 
 
+# The builders an EncoderSpec names (by the function's name)
+BACKBONE_BUILDERS = {f.__name__: f for f in (_resnet, _vgg19_bn, _efficientnet_lite0, _efficientnet_lite1,
+                                             _efficientnet_lite2, _clip_vision)}
+
+
 def named_weights(name, weights):
     """True when `weights` name pretrained weights the encoder can be rebuilt from (ImageNet, a CLIP
     folder or hub name), so exported checkpoints keep only what differs from them."""
@@ -212,12 +216,12 @@ def _build_backbone(name, weights, image_size):
     encoder: 'imagenet' = its default name, or a save_pretrained folder or hub name)."""
     spec = encoder_spec(name)
     if spec.hub:
-        backbone, _ = globals()[spec.build](name, spec.hub if weights == 'imagenet' else weights, image_size)
+        backbone, _ = BACKBONE_BUILDERS[spec.build](name, spec.hub if weights == 'imagenet' else weights, image_size)
         return backbone
     local = weights not in ('imagenet', 'none')
     if local and not os.path.isfile(weights):
         raise FileNotFoundError(f'encoder weights file not found: {weights}')
-    backbone, shipped = globals()[spec.build](name, 'none' if local else weights, image_size)
+    backbone, shipped = BACKBONE_BUILDERS[spec.build](name, 'none' if local else weights, image_size)
     if local or shipped:
         load_backbone_weights(backbone, weights if local else shipped, spec.param_prefix)
     return backbone

@@ -1,4 +1,4 @@
-"""Small shared helpers: tokenisation, atomic file writes, state dicts, seeding, devices,
+"""Small shared helpers: atomic file writes, state dicts, seeding, devices,
 meters and the distributed (torchrun) plumbing.
 
 Nothing here does work at import time.
@@ -19,15 +19,7 @@ import torch
 import torch.distributed as dist
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
-CHECKPOINT_FORMAT = 1
-
-def tokenize(text, tokenizer='words'):
-    """Lower-case a sentence and keep its words: "A dog's café." -> ['a', 'dog', 's', 'café'].
-
-    Kept for compatibility: the tokenizers (Unicode words, jieba, chars) live in text.py.
-    """
-    import text as _text
-    return _text.tokenize(text, tokenizer)
+SPLITS = ('TRAIN', 'VAL', 'TEST')   # the splits of prepared data (00_create_input_files.py)
 
 
 def data_base_name(dataset, captions_per_image, min_word_freq):
@@ -136,7 +128,7 @@ def append_jsonl(path, record):
 
 
 # ----------------------------------------------------------------------------------------------
-# State dicts (checkpoint.py saves and loads the files).
+# State dicts (captioning/checkpoint.py saves and loads the files).
 
 def half_state_dict(state_dict):
     """fp32 floating tensors -> fp16 (for small shipped checkpoints); other tensors unchanged."""
@@ -225,11 +217,6 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
-def barrier():
-    if is_distributed():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor):
     """Sum a tensor over processes (in place; no-op in a single process)."""
     if is_distributed():
@@ -298,10 +285,26 @@ def truncate_jsonl(path, keep):
 # ----------------------------------------------------------------------------------------------
 # Faults of the file system, as one line each
 
-_CONTROL_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]')
+_CONTROL_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]|[\x00-\x1f\x7f]')   # terminal codes and line breaks
 _DISK_ERRNOS = {errno.ENOSPC: 'the disk is full', errno.EFBIG: 'the file-size limit was reached',
                 errno.EROFS: 'the file system is read-only', errno.EDQUOT: 'the disk quota is used up',
                 errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
+
+
+def allocate_blocks(path):
+    """Give a (sparse) file its blocks now: ENOSPC here instead of SIGBUS on a memory-mapped write."""
+    with open(path, 'r+b') as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # file system without it
+                return
+            raise OSError(e.errno, e.strerror, path) from None
+
+
+def without_control(message):
+    """`message` on one line, its terminal control codes and line breaks replaced by spaces."""
+    return _CONTROL_RE.sub(' ', str(message))
 
 
 def describe_error(error):
@@ -316,7 +319,7 @@ def describe_error(error):
             with contextlib.suppress(OSError):
                 text += f'; {format_size(shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free)} free there'
         return text
-    return _CONTROL_RE.sub(' ', str(error)).strip() or error.__class__.__name__
+    return without_control(error).strip() or error.__class__.__name__
 
 
 def check_writable_folder(folder, what='output folder'):

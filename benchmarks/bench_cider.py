@@ -27,8 +27,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from bench_train import ensure_synthetic_data  # noqa: E402
-from caption import sample_captions, words_of  # noqa: E402
 from common import environment, peak_rss_mb, report, setup  # noqa: E402
+
+from captioning.decoders.interface import words_of  # noqa: E402
+from captioning.decoding.search import sample_captions  # noqa: E402
 
 
 def parse_args(argv=None):

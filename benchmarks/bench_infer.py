@@ -23,13 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import caption  # noqa: E402
-import datasets  # noqa: E402
-import decoders  # noqa: E402
-import models  # noqa: E402
-import quantize  # noqa: E402
 from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_beam_search  # noqa: E402
+
+import datasets  # noqa: E402
+import models  # noqa: E402
+from captioning.decoders import lstm, registry  # noqa: E402
+from captioning.decoding import loading, options, quantize, search  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,7 +38,7 @@ def parse_args(argv=None):
                    help='trained checkpoint, or several (an ensemble) (default: a random model)')
     p.add_argument('--encoder', default='resnet101', help='random model: encoder')
     p.add_argument('--vocab-size', type=int, default=2631, help='random model: vocabulary')
-    p.add_argument('--decoder', default='sat', choices=list(decoders.DECODERS),
+    p.add_argument('--decoder', default='sat', choices=list(registry.DECODERS),
                    help='random model: decoder, with its default sizes (a checkpoint names its own)')
     p.add_argument('--images', default=os.path.join(os.path.dirname(HERE), 'assets', 'samples'),
                    help='image folder (cycled to fill a batch)')
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--json', action='store_true')
     quantize.add_argument(p)
-    caption.add_mirror_argument(p)
+    options.add_mirror_argument(p)
     p.add_argument('--profile', action='store_true', help='print a torch.profiler table of each beam search')
     return p.parse_args(argv)
 
@@ -71,12 +71,12 @@ def median_time(fn, repeats, device):
 
 def load_model(args, device):
     if args.checkpoint:
-        encoder, decoder, word_map, config = caption.load_captioner(args.checkpoint, device, mirror=args.mirror)
-        name = caption.checkpoint_label(args.checkpoint, basename=True) + (' (mirrored too)' if args.mirror else '')
+        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, mirror=args.mirror)
+        name = loading.checkpoint_label(args.checkpoint, basename=True) + (' (mirrored too)' if args.mirror else '')
         return encoder, decoder, word_map, f"{name} ({config['decoder']})"
     torch.manual_seed(0)
     encoder = models.Encoder(args.encoder, 'none')
-    decoder = decoders.build_decoder(args.decoder, args.vocab_size, encoder.encoder_dim)
+    decoder = registry.build_decoder(args.decoder, args.vocab_size, encoder.encoder_dim)
     word_map = {f'w{i}': i for i in range(args.vocab_size - 3)}
     word_map.update({'<start>': args.vocab_size - 3, '<end>': args.vocab_size - 2, '<unk>': args.vocab_size - 1})
     return encoder.to(device).eval(), decoder.to(device).eval(), word_map, f'random {args.encoder} + {args.decoder}'
@@ -96,19 +96,19 @@ def main(argv=None):
         images = torch.stack([pool[i % len(pool)] for i in range(B)]).to(device)
         enc_s, enc = median_time(lambda: encoder(images), args.repeats, device)
         for k in args.beam_sizes:
-            beam_s, hyps = median_time(lambda: caption.beam_search(decoder, enc, word_map, beam_size=k,
+            beam_s, hyps = median_time(lambda: search.beam_search(decoder, enc, word_map, beam_size=k,
                                                                    max_len=args.max_len), args.repeats, device)
             steps = sum(h['steps'] for h in hyps)
             if args.profile:
                 print(f'beam search, batch {B}, beam {k}:', file=sys.stderr)
-                print(profile_table(lambda: caption.beam_search(decoder, enc, word_map, beam_size=k,
+                print(profile_table(lambda: search.beam_search(decoder, enc, word_map, beam_size=k,
                                                                 max_len=args.max_len)), file=sys.stderr)
             rows.append({'batch_size': B, 'beam_size': k, 'encoder_ms_per_image': round(enc_s / B * 1000, 2),
                          'beam_s': round(beam_s, 4), 'decode_steps': steps,
                          'decode_ms_per_image_step': round(beam_s / steps * 1000, 3),
                          'images_per_s': round(B / (enc_s + beam_s), 2),
                          'beam_over_encoder': round(beam_s / enc_s, 3)})
-    if args.tutorial and not isinstance(decoder, decoders.ShowAttendTell):
+    if args.tutorial and not isinstance(decoder, lstm.ShowAttendTell):
         print('note: --tutorial times the tutorial\'s beam search, which needs the sat decoder: skipped',
               file=sys.stderr)
     elif args.tutorial:

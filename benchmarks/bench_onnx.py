@@ -25,15 +25,15 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-import caption  # noqa: E402
-import datasets  # noqa: E402
-import onnx_captioner  # noqa: E402
 from common import environment, peak_rss_mb, report  # noqa: E402
+
+import datasets  # noqa: E402
+from captioning.decoding import loading, onnx_captioner, search  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', default=caption.PROVIDED_CHECKPOINT, help='checkpoint (default: %(default)s)')
+    p.add_argument('--checkpoint', default=loading.PROVIDED_CHECKPOINT, help='checkpoint (default: %(default)s)')
     p.add_argument('--onnx', default='', help='its export folder (default: benchmarks/.data/onnx/<name>)')
     p.add_argument('--images', default=os.path.join(REPO, 'assets', 'samples'), help='photo folder')
     p.add_argument('--beam-size', type=int, default=3)
@@ -47,8 +47,8 @@ def time_photos(captioners, images, beam_size, repeats):
     """Per-photo encoder and beam-search seconds of each captioner, medians over the repeats (after one
     warm-up pass), and its captions. The captioners take turns photo by photo, so a shared machine's
     load falls on both alike. -> [((encoder seconds, search seconds), captions)] per captioner."""
-    kw = dict(beam_size=beam_size, length_norm=caption.DEFAULT_LENGTH_NORM,
-              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM)
+    kw = dict(beam_size=beam_size, length_norm=search.DEFAULT_LENGTH_NORM,
+              no_repeat_ngram_size=search.DEFAULT_NO_REPEAT_NGRAM)
     times = [([[] for _ in images], [[] for _ in images]) for _ in captioners]
     words = [[] for _ in captioners]
     with torch.inference_mode():
@@ -58,7 +58,7 @@ def time_photos(captioners, images, beam_size, repeats):
                     t0 = time.perf_counter()
                     feats = encoder(x.unsqueeze(0))
                     t1 = time.perf_counter()
-                    hyp = caption.beam_search(decoder, feats, word_map, **kw)[0]
+                    hyp = search.beam_search(decoder, feats, word_map, **kw)[0]
                     t2 = time.perf_counter()
                     if rep == 0:
                         words[c].append(decoder.words(hyp['tokens'], {v: k for k, v in word_map.items()}))
@@ -84,7 +84,7 @@ def main(argv=None):
         if export_onnx.main([args.checkpoint, out, '--no-check']) != 0:
             return 1
     load_before = os.getloadavg()
-    torch_model = caption.load_captioner(args.checkpoint, 'cpu')
+    torch_model = loading.load_captioner(args.checkpoint, 'cpu')
     onnx_model = onnx_captioner.load_onnx_captioner(out, threads=args.threads)
     try:
         paths = datasets.list_images([args.images])

@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 def synthetic_source(n):
     """A synthetic Karpathy JSON + 224 px images, generated once under benchmarks/.data."""
-    import synthetic
+    from captioning.preparation import synthetic
     folder = os.path.join(HERE, '.data', f'prep_source_{n}')
     json_path = os.path.join(folder, 'dataset_synthetic.json')
     if not os.path.exists(json_path):

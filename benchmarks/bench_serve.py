@@ -181,6 +181,7 @@ def percentile(values, q):
 def main(argv=None):
     args = parse_args(argv)
     from common import report
+
     from datasets import list_images
     paths = list_images(args.images)
     if not paths:

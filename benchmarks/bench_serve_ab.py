@@ -62,6 +62,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from common import report
+
     from datasets import list_images
     bodies = []
     for path in list_images(args.images):

@@ -28,10 +28,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import decoders  # noqa: E402
-import models  # noqa: E402
 from common import environment, peak_rss_mb, profile_table, report, setup  # noqa: E402
 from tutorial_reference import tutorial_loss  # noqa: E402
+
+from captioning.decoders import interface, registry  # noqa: E402
 
 FLICKR8K_WORDS_MEAN, FLICKR8K_WORDS_SD = 11.8, 3.8     # caption length in words (Flickr8k train)
 
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--synthetic-features', action='store_true', help='decoder from random features')
     p.add_argument('--tutorial', action='store_true', help='the tutorial formulation (the "before"; decoder sat)')
-    p.add_argument('--decoder', default='sat', choices=list(decoders.DECODERS), help='(default: %(default)s)')
+    p.add_argument('--decoder', default='sat', choices=list(registry.DECODERS), help='(default: %(default)s)')
     p.add_argument('--data-folder', default='', help='prepared dataset (default: synthetic set under benchmarks/.data)')
     p.add_argument('--data-name', default='')
     p.add_argument('--source', choices=('cache', 'images'), default='cache', help='features from the cache or images')
@@ -99,7 +99,7 @@ def synthetic_feature_batches(vocab_size, batch_size, device, n=8, seed=0):
 
 def synthetic_features_bench(args, device):
     V, B = args.vocab_size, args.batch_size
-    decoder = decoders.build_decoder(args.decoder, V, 2048, dropout=0.5, **dims(args)).to(device)
+    decoder = registry.build_decoder(args.decoder, V, 2048, dropout=0.5, **dims(args)).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=device.type in ('cpu', 'cuda'))  # as 01_train
     batches = synthetic_feature_batches(V, B, device)
     state = {'i': 0}
@@ -110,7 +110,7 @@ def synthetic_features_bench(args, device):
         if args.tutorial:
             loss = tutorial_loss(decoder, feats, caps, lengths)
         else:
-            loss = decoders.caption_loss(decoder(feats, caps, lengths))
+            loss = interface.caption_loss(decoder(feats, caps, lengths))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_value_(decoder.parameters(), 5.0)
@@ -124,7 +124,7 @@ def dims(args):
     """--dim for each size setting the chosen decoder has."""
     if not args.dim:                    # 0: the decoder's own sizes (dot_attention 256/512/768, show_tell 256/256)
         return {}
-    fields = decoders.decoder_fields(args.decoder)
+    fields = registry.decoder_fields(args.decoder)
     return {k: args.dim for k in ('emb_dim', 'attention_dim', 'decoder_dim', 'lm_dim') if k in fields}
 
 

@@ -26,8 +26,8 @@ The medians over rounds are reported, with every round's figure.
    alpha_c * ((1 - alphas.sum(dim=1)) ** 2).mean(), zero_grad, backward, its
    utils.clip_gradient, step of torch.optim.Adam built as train.py builds it. train.py wrote
    `scores, _ = pack_padded_sequence(...)`, which fails since PyTorch 1.1 (a PackedSequence has
-   four fields): `.data` is what it meant. Ours: decoders.DecoderWithAttention started from the
-   tutorial decoder's state_dict (same parameter names), decoders.caption_loss, the fused Adam and
+   four fields): `.data` is what it meant. Ours: lstm.DecoderWithAttention started from the
+   tutorial decoder's state_dict (same parameter names), interface.caption_loss, the fused Adam and
    clip_grad_value_ of 01_train.py. The metric bookkeeping of both training loops (top-5
    accuracy, loss.item()) is left out of both. Figure: captions/s.
 2. decode: beam-3 search with the shipped checkpoint (--checkpoint), on --num-images photos whose
@@ -36,7 +36,7 @@ The medians over rounds are reported, with every round's figure.
    DecoderWithAttention holding the checkpoint decoder's state_dict, with only its decoding part
    kept: the lines from `# Read image and process` to `encoder_out = encoder(image)` are replaced
    by taking the features in image_path's place (patch below); everything after them runs as
-   written, including the attention maps it keeps for its figure. Ours: caption.beam_search on
+   written, including the attention maps it keeps for its figure. Ours: search.beam_search on
    batches of --batch-size images, and on one image at a time. Both with the tutorial's rules:
    plain summed log-probability, no length normalisation, <unk> allowed (length_norm=0,
    allow_unk=True), at most 51 decoding steps (the tutorial stops after `step > 50`). The
@@ -50,7 +50,7 @@ The medians over rounds are reported, with every round's figure.
    then the checkpoint's encoder, then its search), one image at a time. Its 256x256 size and
    ImageNet mean/std are set to the checkpoint encoder's own input (patch below), so that both
    sides feed the same encoder the same number of pixels, normalised as it was trained. Ours:
-   caption.caption_paths (reading, transform, encoder and beam search in batches of --batch-size
+   files.caption_paths (reading, transform, encoder and beam search in batches of --batch-size
    images) and the same with batches of 1. The encoder module (our models.Encoder from the
    checkpoint) is the same for both sides. Figure: ms per image, and identical captions.
 
@@ -89,12 +89,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import caption  # noqa: E402
-import datasets  # noqa: E402
-import decoders  # noqa: E402
-import quantize  # noqa: E402
 from bench_train import synthetic_feature_batches  # noqa: E402
 from common import environment, peak_rss_mb, report, setup  # noqa: E402
+
+import datasets  # noqa: E402
+from captioning.decoders import interface, lstm  # noqa: E402
+from captioning.decoding import files, loading, quantize  # noqa: E402
 
 # Defaults of the flags
 ROUNDS = 5                      # interleaved rounds; the median over them is reported
@@ -104,7 +104,7 @@ BATCH_SIZE = 60                 # images per batch for our batched decoding / ca
 TRAIN_BATCH = 32                # captions per training step (the tutorial's batch_size)
 TRAIN_STEPS = 3                 # training steps per side per round
 THREADS = 0                     # torch threads (0: torch's default)
-CHECKPOINT = caption.PROVIDED_CHECKPOINT
+CHECKPOINT = loading.PROVIDED_CHECKPOINT
 FIGURES = ('train', 'decode', 'e2e')
 
 # Fixed settings: the tutorial's train.py (Flickr8k-sized vocabulary) and caption.py
@@ -259,7 +259,7 @@ def train_figure(tut, args, device, sync):
                                            dropout=DROPOUT).to(device).train()
     topt = torch.optim.Adam(params=filter(lambda p: p.requires_grad, tdec.parameters()), lr=LR)
     criterion = nn.CrossEntropyLoss().to(device)
-    ours = decoders.DecoderWithAttention(DIM, DIM, DIM, VOCAB_SIZE, 2048, DROPOUT, ALPHA_C)
+    ours = lstm.DecoderWithAttention(DIM, DIM, DIM, VOCAB_SIZE, 2048, DROPOUT, ALPHA_C)
     ours.load_state_dict(tdec.state_dict())                 # the same starting weights
     ours = ours.to(device).train()
     oopt = torch.optim.Adam(ours.parameters(), lr=LR, fused=device.type in ('cpu', 'cuda'))   # as 01_train.py
@@ -287,7 +287,7 @@ def train_figure(tut, args, device, sync):
         for _ in range(args.train_steps):
             feats, caps, lengths = batches[pos['ours'] % len(batches)]
             pos['ours'] += 1
-            loss = decoders.caption_loss(ours(feats, caps, lengths))
+            loss = interface.caption_loss(ours(feats, caps, lengths))
             oopt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_value_(ours.parameters(), GRAD_CLIP)
@@ -367,10 +367,11 @@ def decode_figure(tut, model, paths, args, device, sync):
 
     def ours_batched():
         return [h['tokens'] for i in range(0, len(paths), args.batch_size)
-                for h in caption.beam_search(decoder, feats[i:i + args.batch_size], word_map, **beam_kw)]
+                for h in search.beam_search(decoder, feats[i:i + args.batch_size], word_map, **beam_kw)]
 
     def ours_batch1():
-        return [caption.beam_search(decoder, feats[i:i + 1], word_map, **beam_kw)[0]['tokens'] for i in range(len(paths))]
+        return [search.beam_search(decoder, feats[i:i + 1], word_map, **beam_kw)[0]['tokens']
+                for i in range(len(paths))]
 
     sides = {'tutorial': tutorial, 'ours_batched': ours_batched, 'ours_batch1': ours_batch1}
     times, outs = interleaved(sides, args.rounds, sync)
@@ -395,7 +396,7 @@ def e2e_figure(tut, model, paths, args, device, sync):
 
     def ours(batch_size):
         def run():
-            results, failures = caption.caption_paths(encoder, decoder, word_map, paths, batch_size=batch_size, **kw)
+            results, failures = files.caption_paths(encoder, decoder, word_map, paths, batch_size=batch_size, **kw)
             if failures:
                 raise RuntimeError(f'could not read: {failures}')
             return [r[BEAM_SIZE]['tokens'] for r in results]
@@ -456,8 +457,8 @@ def main(argv=None):
     need_captioning = bool({'decode', 'e2e'} & set(args.figures))
     model, transform = None, None
     if need_captioning:
-        encoder, decoder, word_map, _ = caption.load_captioner(args.checkpoint, device)
-        if not (isinstance(decoder, decoders.ShowAttendTell) and isinstance(decoder.attention, decoders.Attention)):
+        encoder, decoder, word_map, _ = loading.load_captioner(args.checkpoint, device)
+        if not (isinstance(decoder, lstm.ShowAttendTell) and isinstance(decoder.attention, lstm.Attention)):
             print('error: the tutorial runs Show, Attend and Tell with additive attention: --checkpoint must hold '
                   'a sat decoder', file=sys.stderr)
             return 2

@@ -68,8 +68,8 @@ def quiet(fn, *args):
 
 
 def decoder_flags(name):
-    import decoders
-    fields = decoders.decoder_fields(name)
+    from captioning.decoders import registry
+    fields = registry.decoder_fields(name)
     flags = ['--decoder', name] + (TINY_LM if 'lm_dim' in fields else [])
     for key, value in SIZES.items():
         if key in fields:
@@ -179,10 +179,10 @@ def feature_caching(work, photos):
     """build_feature_cache with the provided Lite0 encoder over the linked photos, batch 64."""
     import torch
 
-    import caption
     import datasets
+    from captioning.decoding import loading
     device = torch.device(DEVICE[0])
-    encoder = caption.load_captioner(caption.PROVIDED_CHECKPOINT, device)[0]
+    encoder = loading.load_captioner(loading.PROVIDED_CHECKPOINT, device)[0]
     ds = Photos(datasets.list_images(photos), datasets.image_transform(encoder))
     path = os.path.join(work, 'features.npy')
     start = time.perf_counter()
@@ -267,7 +267,7 @@ def main(argv=None):
         print(f'gpu-check: no CUDA GPU visible (torch {torch.__version__}, CUDA build {torch.version.cuda}): '
               'nothing checked', file=sys.stderr)
         return 2
-    import decoders
+    from captioning.decoders import registry
     work = args.keep or tempfile.mkdtemp(prefix='gpu_check_')
     os.makedirs(work, exist_ok=True)
     rows, began = [], time.perf_counter()
@@ -289,7 +289,7 @@ def main(argv=None):
         quiet(importlib.import_module('00_create_input_files').main,
               ['--output-folder', data, '--synthetic-images', '60', '--synthetic-image-size', '64',
                '--min-word-freq', '2'])
-        for name in decoders.DECODERS:
+        for name in registry.DECODERS:
             check(f'train {name} bf16', train, work, data, f'{name}_bf16', '--amp', *decoder_flags(name))
             check(f'train {name} fp16', train, work, data, f'{name}_fp16', '--amp', *decoder_flags(name), fp16=True)
         check('train images --compile', train, work, data, 'compile', '--amp', '--compile', '--no-cache-features',

@@ -7,8 +7,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import models  # noqa: E402
-import sharding  # noqa: E402
 import utils  # noqa: E402
+from captioning.scale import sharding  # noqa: E402
 
 if __name__ == '__main__':
     folder, name, split, path, batch_size = sys.argv[1:6]

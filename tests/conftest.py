@@ -53,11 +53,11 @@ def tiny_decoder(name, vocab_size, encoder_dim, seed=0, **settings):
     """A small random decoder of registry entry `name` in eval mode (no dropout)."""
     import torch
 
-    import decoders
-    fields = decoders.decoder_fields(name)
+    from captioning.decoders import registry
+    fields = registry.decoder_fields(name)
     settings = {k: v for k, v in {**TINY_DECODER, **settings}.items() if k in fields}
     torch.manual_seed(seed)
-    return decoders.build_decoder(name, vocab_size, encoder_dim, **settings).eval()
+    return registry.build_decoder(name, vocab_size, encoder_dim, **settings).eval()
 
 
 # Small sizes of the ClipCap scratch LM for 01_train.py
@@ -66,8 +66,8 @@ TINY_LM = ['--lm-dim', '16', '--lm-layers', '1', '--lm-heads', '2', '--prefix-le
 
 def train_flags(name):
     """TINY_MODEL for 01_train.py with decoder `name` (only the settings it has)."""
-    import decoders
-    flags, fields, i = ['--decoder', name], decoders.decoder_fields(name), 0
+    from captioning.decoders import registry
+    flags, fields, i = ['--decoder', name], registry.decoder_fields(name), 0
     if 'lm_dim' in fields:
         flags += TINY_LM
     while i < len(TINY_MODEL):

@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
+from captioning.scale import sharding  # noqa: E402
 
 if __name__ == '__main__':
     dump, argv = sys.argv[1], sys.argv[2:]
@@ -14,7 +15,7 @@ if __name__ == '__main__':
     trainer = importlib.import_module('01_train').Trainer(argv, rank, world, device)
     trainer.run()
     torch.save(trainer.decoder.state_dict(), os.path.join(dump, f'rank{rank}.pt'))
-    utils.barrier()
+    sharding.barrier()
     # Both ranks have saved: leave without the C++ teardown, where gloo's threads sometimes abort a rank
     # ("terminate called without an active exception", about 1 run in 10 here) after the work is done.
     sys.stdout.flush()

@@ -3,16 +3,15 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-import decoders
-from caption import beam_search
 from conftest import tiny_decoder
+
+from captioning.decoders import registry
+from captioning.decoding.search import beam_search
 
 WORD_MAP = {'<pad>': 0, 'a': 1, 'b': 2, '<unk>': 3, '<start>': 4, '<end>': 5}
 V, C = len(WORD_MAP), 6
 START, END = WORD_MAP['<start>'], WORD_MAP['<end>']
-NAMES = list(decoders.DECODERS)
+NAMES = list(registry.DECODERS)
 
 
 def decoder(seed=0, end_bias=0.0, name='sat'):
@@ -117,7 +116,7 @@ def test_never_ending_model_still_returns_a_caption(name, beam_size):
         assert hyp['score'] == pytest.approx(sequence_logprob(dec, enc[hyps.index(hyp)], hyp['tokens']), abs=1e-4)
 
 
-@pytest.mark.parametrize('name', [n for n in NAMES if decoders.DECODERS[n].has_attention])
+@pytest.mark.parametrize('name', [n for n in NAMES if registry.DECODERS[n].has_attention])
 def test_alphas_are_attention_distributions_per_token(name):
     dec, enc = decoder(6, end_bias=1.0, name=name), features(3, 6)
     for hyp in beam_search(dec, enc, WORD_MAP, beam_size=3, max_len=10):
@@ -142,7 +141,7 @@ def test_min_len_and_no_repeat_ngram(name):
 def test_a_caption_has_a_word_by_default_even_when_the_model_would_end_at_once(name):
     """<end> first by far (as a ClipCap whose first token is end-of-text): the search and the sampler
     still give every caption a word unless min_len 0 asks for the model's own choice."""
-    from caption import sample_captions
+    from captioning.decoding.search import sample_captions
     dec, enc = decoder(9, end_bias=100.0, name=name), features(3, 9)
     assert all(h['tokens'] == [] and h['finished'] for h in beam_search(dec, enc, WORD_MAP, min_len=0))
     for k in (1, 3):

@@ -55,8 +55,8 @@ def test_bench_prep_runs(tmp_path):
 
 
 def test_benchmarks_take_every_decoder():
-    import decoders
-    for name in decoders.DECODERS:
+    from captioning.decoders import registry
+    for name in registry.DECODERS:
         r = bench('bench_train.py', '--synthetic-features', '--decoder', name, '--dim', '16', '--vocab-size', '40',
                   '--batch-size', '4', '--warmup', '1', '--steps', '1', '--windows', '1')
         assert r['decoder'] == name and r['captions_per_s'] > 0

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-
-import caption
-import datasets
-import metrics
-import text
 from conftest import TINY_MODEL, script
+
+import datasets
+from captioning import text
+from captioning.decoding import loading
+from captioning.scoring import metrics
 
 prep, train, infer, evaluate = (script(n) for n in ('00_create_input_files', '01_train', '02_inference', '03_evaluate'))
 
@@ -156,7 +156,7 @@ def test_coco_json_scoring(tiny_checkpoint, synth_data, tmp_path, capsys):
 
 
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints')
-CN_PAIR = caption.PROVIDED_CN
+CN_PAIR = loading.PROVIDED_CN
 
 
 def test_shipped_chinese_pair_captions_a_photo_in_chinese(tmp_path, capsys):

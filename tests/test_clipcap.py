@@ -1,4 +1,4 @@
-"""ClipCap (clipcap.py): a pretrained GPT-2 given as a save_pretrained folder, its BPE captions,
+"""ClipCap (captioning/decoders/clipcap.py): a pretrained GPT-2 given as a save_pretrained folder, its BPE captions,
 frozen-LM checkpoints, the original ClipCap's state_dicts, and the CLIP encoder. Every model is a
 tiny random one built here (no downloads). The decoder interface itself is checked for every
 decoder, this one included, by test_decoders.py and test_beam_search.py."""
@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 pytest.importorskip('transformers')
 
-import caption  # noqa: E402
-import checkpoint  # noqa: E402
-import clipcap  # noqa: E402
-import decoders  # noqa: E402
-import models  # noqa: E402
 from conftest import REPO, script  # noqa: E402
+
+import models  # noqa: E402
+from captioning import checkpoint  # noqa: E402
+from captioning.decoders import clipcap, interface, registry  # noqa: E402
+from captioning.decoding import files, loading, search  # noqa: E402
 
 MERGES = [('Ġ', 'a'), ('Ġ', 'd'), ('Ġd', 'o'), ('Ġdo', 'g'), ('r', 'u'), ('Ġ', 'ru'), ('Ġru', 'n'), ('n', 's'),
           ('Ġ', 't'), ('Ġt', 'h'), ('Ġth', 'e'), ('i', 'n'), ('Ġ', 'in')]
@@ -77,7 +77,7 @@ def clip_folder(tmp_path_factory):
 
 def pretrained(lm, mapping='mlp', freeze_lm=False, word_map=WORD_MAP, C=6, seed=0):
     torch.manual_seed(seed)
-    dec = decoders.build_decoder('clipcap', len(word_map), C, lm=lm, mapping=mapping, freeze_lm=freeze_lm,
+    dec = registry.build_decoder('clipcap', len(word_map), C, lm=lm, mapping=mapping, freeze_lm=freeze_lm,
                                  prefix_length=3, clip_length=2, mapping_layers=2, dropout=0.0)
     dec.use_word_map(word_map)
     return dec.eval()
@@ -127,7 +127,7 @@ def test_padding_never_masks_a_real_token(lm_folder):
 
     word_map = {'a': 0, 'b': 1, 'c': 2, '<unk>': 3, '<start>': 4, '<end>': 5, '<pad>': 6}
     torch.manual_seed(0)
-    scratch = decoders.build_decoder('clipcap', 7, 6, lm_dim=8, lm_layers=1, lm_heads=2, prefix_length=2,
+    scratch = registry.build_decoder('clipcap', 7, 6, lm_dim=8, lm_layers=1, lm_heads=2, prefix_length=2,
                                      dropout=0.0).eval()
     rows = [word_caption(['a', 'b', 'a'], word_map, pad=pad, L=8)[0] for pad in (0, 6, 2)]   # any filler
     lengths = torch.tensor([5, 5, 5])
@@ -135,7 +135,8 @@ def test_padding_never_masks_a_real_token(lm_folder):
     assert outs[0].targets.tolist() == [0, 1, 0, 5]
     for o in outs[1:]:
         assert torch.equal(o.targets, outs[0].targets) and torch.equal(o.scores, outs[0].scores)
-    assert decoders.caption_loss(outs[0]).item() == pytest.approx(F.cross_entropy(outs[0].scores, outs[0].targets).item())
+    assert interface.caption_loss(outs[0]).item() == pytest.approx(
+        F.cross_entropy(outs[0].scores, outs[0].targets).item())
 
 
 def test_pretrained_lm_teacher_forcing_equals_step_by_step(lm_folder):
@@ -166,11 +167,11 @@ def test_search_uses_the_lm_tokens_and_decodes_them_to_words(lm_folder):
     rev = {v: k for k, v in WORD_MAP.items()}
     assert dec.words(tok.encode(' The dog, runs!'), rev) == ['the', 'dog', 'runs']
     feats = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(2))
-    for hyp in caption.beam_search(dec, feats, WORD_MAP, beam_size=3, max_len=6):
+    for hyp in search.beam_search(dec, feats, WORD_MAP, beam_size=3, max_len=6):
         assert eos not in hyp['tokens'] and len(hyp['tokens']) <= 6
         assert all(0 <= t < len(tok) for t in hyp['tokens'])
     with pytest.raises(ValueError, match='positions'):   # the LM's 128 positions: a clear error, not an index error
-        caption.beam_search(dec, feats, WORD_MAP, beam_size=1, max_len=200, min_len=200)
+        search.beam_search(dec, feats, WORD_MAP, beam_size=1, max_len=200, min_len=200)
 
 
 def test_a_gpt2_whose_first_token_is_end_of_text_still_captions(lm_folder):
@@ -185,14 +186,14 @@ def test_a_gpt2_whose_first_token_is_end_of_text_still_captions(lm_folder):
     dec.gpt.lm_head = head
     feats = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(3))
     rev = {v: k for k, v in WORD_MAP.items()}
-    assert [h['tokens'] for h in caption.beam_search(dec, feats, WORD_MAP, min_len=0)] == [[], []]
-    for hyp in caption.beam_search(dec, feats, WORD_MAP, beam_size=3, max_len=6):
+    assert [h['tokens'] for h in search.beam_search(dec, feats, WORD_MAP, min_len=0)] == [[], []]
+    for hyp in search.beam_search(dec, feats, WORD_MAP, beam_size=3, max_len=6):
         assert len(hyp['tokens']) == 1 and hyp['tokens'][0] != eos and hyp['finished']
         hyp['words'] = dec.words(hyp['tokens'], rev)
-        assert (caption.empty_reason(hyp) is None) == bool(hyp['words'])
-    assert 'min-len 0' in caption.empty_reason({'tokens': [], 'words': []})
+        assert (files.empty_reason(hyp) is None) == bool(hyp['words'])
+    assert 'min-len 0' in files.empty_reason({'tokens': [], 'words': []})
     space = tok.encode(' ')
-    assert dec.words(space, rev) == [] and 'decode to no words' in caption.empty_reason({'tokens': space, 'words': []})
+    assert dec.words(space, rev) == [] and 'decode to no words' in files.empty_reason({'tokens': space, 'words': []})
 
 
 def test_pretrained_lm_refuses_captions_without_spaces(lm_folder):
@@ -222,14 +223,16 @@ def test_lm_folder_problems_are_one_line_errors(tmp_path):
 def test_missing_transformers_is_said_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, 'transformers', None)                # as if not installed
     with pytest.raises(ImportError, match='requirements-extras.txt'):
-        decoders.build_decoder('clipcap', 11, 6)
+        registry.build_decoder('clipcap', 11, 6)
 
 
 def test_decoder_modules_do_not_import_transformers():
-    code = ('import sys, decoders, models, caption, checkpoint; '
-            'assert "transformers" not in sys.modules, "imported"; assert "clipcap" in decoders.DECODERS')
-    for first in ('decoders', 'clipcap'):                                  # the registry, whatever comes first
-        subprocess.run([sys.executable, '-c', f'import {first}; ' + code], cwd=REPO, check=True)
+    code = ('import sys, models; from captioning import checkpoint; from captioning.decoders import registry; '
+            'from captioning.decoding import loading, search; '
+            'assert "transformers" not in sys.modules, "imported"; assert "clipcap" in registry.DECODERS')
+    for first in ('registry', 'clipcap'):                                  # the registry, whatever comes first
+        subprocess.run([sys.executable, '-c', f'from captioning.decoders import {first}; ' + code], cwd=REPO,
+                       check=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +368,7 @@ def test_original_clipcap_state_dicts_convert(mapping, lm_folder):
 
 def test_convert_tool_writes_a_checkpoint_that_captions(tmp_path, lm_folder, clip_folder, capsys):
     convert_clipcap = script('tools.convert_clipcap')
-    dec = decoders.build_decoder('clipcap', 4, 512, lm=lm_folder, mapping='transformer', prefix_length=3,
+    dec = registry.build_decoder('clipcap', 4, 512, lm=lm_folder, mapping='transformer', prefix_length=3,
                                  clip_length=2, mapping_layers=1)
     old = original_state(dec, 'transformer', torch.Generator().manual_seed(9))
     torch.save(old, tmp_path / 'transformer_weights.pt')
@@ -374,10 +377,10 @@ def test_convert_tool_writes_a_checkpoint_that_captions(tmp_path, lm_folder, cli
                                  '--encoder-weights', clip_folder, '--freeze-lm']) == 0
     saved = torch.load(out, weights_only=True)
     assert not any(k.startswith('gpt.') for k in saved['decoder']) and saved['encoder'] is None
-    encoder, decoder, word_map, config = caption.load_captioner(str(out), 'cpu')
+    encoder, decoder, word_map, config = loading.load_captioner(str(out), 'cpu')
     assert config['decoder_args']['mapping'] == 'transformer' and encoder.name == 'clip_vit_b32'
     image = os.path.join(REPO, 'assets', 'samples', 'coffee.jpg')
-    results, failures = caption.caption_paths(encoder, decoder, word_map, [image], (2,), progress=False, max_len=5)
+    results, failures = files.caption_paths(encoder, decoder, word_map, [image], (2,), progress=False, max_len=5)
     assert not failures and isinstance(results[0][2]['words'], list)
 
     tuned = {**old, 'gpt.transformer.h.0.mlp.c_fc.bias': old['gpt.transformer.h.0.mlp.c_fc.bias'] + 1}

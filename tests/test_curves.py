@@ -1,14 +1,14 @@
-"""Training curves (curves.py): curves.png after every epoch of 01_train.py, tools/plot_runs.py,
+"""Training curves (captioning/training/curves.py): curves.png after every epoch of 01_train.py, tools/plot_runs.py,
 --tensorboard."""
 import json
 import os
 import sys
 
 import pytest
+from conftest import REPO, TINY_MODEL, script
 from PIL import Image
 
-import curves
-from conftest import REPO, TINY_MODEL, script
+from captioning.training import curves
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import plot_runs  # noqa: E402

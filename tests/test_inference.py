@@ -4,12 +4,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import script
 from PIL import Image
 
-import caption
 import datasets
-import metrics
-from conftest import script
+from captioning.decoding import loading, search
+from captioning.scoring import metrics
 
 infer = script('02_inference')
 evaluate = script('03_evaluate')
@@ -70,14 +70,14 @@ def test_missing_checkpoint_and_empty_folder_are_clear_errors(tmp_path, capsys):
 
 def test_provided_ensembles_by_name(tmp_path, monkeypatch):
     """--checkpoint flickr8k / flickr8k-cn name the provided pairs; a file of that name is still a file."""
-    assert caption.checkpoint_paths('flickr8k-cn') == caption.PROVIDED_CN
-    assert caption.checkpoint_paths(['flickr8k']) == caption.DEFAULT_CHECKPOINTS
-    assert caption.checkpoint_paths(['a.pt', 'flickr8k-cn']) == ['a.pt', *caption.PROVIDED_CN]
-    assert caption.checkpoint_paths('flickr8k-zh') == ['flickr8k-zh']              # not a name: a path
-    assert all(os.path.isfile(p) for p in caption.PROVIDED_CN + caption.DEFAULT_CHECKPOINTS)
+    assert loading.checkpoint_paths('flickr8k-cn') == loading.PROVIDED_CN
+    assert loading.checkpoint_paths(['flickr8k']) == loading.DEFAULT_CHECKPOINTS
+    assert loading.checkpoint_paths(['a.pt', 'flickr8k-cn']) == ['a.pt', *loading.PROVIDED_CN]
+    assert loading.checkpoint_paths('flickr8k-zh') == ['flickr8k-zh']              # not a name: a path
+    assert all(os.path.isfile(p) for p in loading.PROVIDED_CN + loading.DEFAULT_CHECKPOINTS)
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'flickr8k-cn').write_bytes(b'')
-    assert caption.checkpoint_paths('flickr8k-cn') == ['flickr8k-cn']
+    assert loading.checkpoint_paths('flickr8k-cn') == ['flickr8k-cn']
 
 
 def test_evaluate_from_prepared_files_writes_the_table(tiny_checkpoint, synth_data, tmp_path, capsys):
@@ -103,9 +103,9 @@ def test_evaluate_from_prepared_files_writes_the_table(tiny_checkpoint, synth_da
 
 
 def test_decoding_repeats_no_trigram_by_default_and_the_flag_switches_it_off(tiny_checkpoint, synth_data, tmp_path):
-    """02 and 03 decode with caption.DEFAULT_NO_REPEAT_NGRAM (3): no caption repeats a word trigram;
+    """02 and 03 decode with search.DEFAULT_NO_REPEAT_NGRAM (3): no caption repeats a word trigram;
     --no-repeat-ngram 0 gives the unconstrained search (the tiny model then repeats itself)."""
-    assert caption.DEFAULT_NO_REPEAT_NGRAM == 3 == evaluate.NO_REPEAT_NGRAM == infer.NO_REPEAT_NGRAM
+    assert search.DEFAULT_NO_REPEAT_NGRAM == 3 == evaluate.NO_REPEAT_NGRAM == infer.NO_REPEAT_NGRAM
     folder, _ = synth_data
     reports = {}
     for flags in ((), ('--no-repeat-ngram', '0')):

@@ -1,12 +1,12 @@
-"""metrics.py: BLEU on the seed document's worked example, nltk agreement, the COCO toolkit."""
+"""captioning/scoring/metrics.py: BLEU on the seed document's worked example, nltk agreement, the COCO toolkit."""
 import math
 from fractions import Fraction
 
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
-import metrics
-from utils import tokenize
+from captioning.scoring import metrics
+from captioning.text import tokenize
 
 
 def test_worked_example_modified_precisions():

@@ -1,4 +1,4 @@
-"""models.py / checkpoint.py: the SAT decoder's packed training forward against the tutorial, the
+"""models.py / captioning/checkpoint.py: the SAT decoder's packed training forward against the tutorial, the
 encoders' registry and freezing rules, checkpoints."""
 import os
 import sys
@@ -6,11 +6,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch import nn
 
-import checkpoint
 import models
-from conftest import REPO
+from captioning import checkpoint
+from captioning.decoders import interface, lstm
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 from tutorial_reference import tutorial_loss  # noqa: E402
@@ -20,7 +21,7 @@ V, P, C = 12, 4, 8          # vocabulary, attention grid pixels, encoder channel
 
 def tiny_decoder(dropout=0.0, seed=0, alpha_c=1.0):
     torch.manual_seed(seed)
-    return models.DecoderWithAttention(attention_dim=6, embed_dim=5, decoder_dim=7, vocab_size=V, encoder_dim=C,
+    return lstm.DecoderWithAttention(attention_dim=6, embed_dim=5, decoder_dim=7, vocab_size=V, encoder_dim=C,
                                        dropout=dropout, alpha_c=alpha_c)
 
 
@@ -40,7 +41,7 @@ def test_packed_loss_equals_the_tutorial_formulation():
     decoder = tiny_decoder(alpha_c=0.7)
     enc, caps, lengths = random_batch()
     out = decoder(enc, caps, lengths)
-    ours = models.caption_loss(out)
+    ours = interface.caption_loss(out)
     ref = tutorial_loss(decoder, enc, caps, lengths, alpha_c=0.7)   # attention recomputed per step, padded
     assert torch.allclose(ours, ref, atol=1e-6), (ours, ref)
     assert out.scores.shape == (int((lengths - 1).sum()), V)
@@ -51,8 +52,8 @@ def test_image_index_shares_encoder_work_exactly():
     enc, caps, lengths = random_batch(n=6)
     per_image = enc[:3]                                   # 3 images x 2 captions each
     index = torch.tensor([0, 0, 1, 1, 2, 2])
-    a = models.caption_loss(decoder(per_image, caps, lengths, index))
-    b = models.caption_loss(decoder(per_image[index], caps, lengths))
+    a = interface.caption_loss(decoder(per_image, caps, lengths, index))
+    b = interface.caption_loss(decoder(per_image[index], caps, lengths))
     assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""ONNX export for deployment (onnx_captioner.py, tools/export_onnx.py): captions from the exported
+"""ONNX export for deployment (captioning/decoding/onnx_captioner.py, tools/export_onnx.py): captions from the exported
 files, run by onnxruntime under the one beam search, equal PyTorch's on the sample photos."""
 import json
 import os
@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
-
-import caption
-import checkpoint
-import decoders
-import models
-import onnx_captioner
 from conftest import REPO
+
+import models
+from captioning import checkpoint
+from captioning.decoders import registry
+from captioning.decoding import loading, onnx_captioner
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import export_onnx  # noqa: E402
@@ -30,7 +29,7 @@ def tiny_checkpoint(name, path, seed=0):
     """A random-init checkpoint file of decoder `name` on a random resnet18 (64 px, 2 x 2 grid)."""
     sizes = {'emb_dim': 16, 'attention_dim': 16, 'decoder_dim': 24, 'dropout': 0.5}
     config = {'encoder': 'resnet18', 'encoder_weights': 'none', 'image_size': 64, 'encoded_image_size': 2,
-              'decoder': name, **{k: v for k, v in sizes.items() if k in decoders.decoder_fields(name)}}
+              'decoder': name, **{k: v for k, v in sizes.items() if k in registry.decoder_fields(name)}}
     word_map = {'<pad>': 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     word_map.update({'<unk>': len(word_map), '<start>': len(word_map) + 1, '<end>': len(word_map) + 2})
     torch.manual_seed(seed)
@@ -73,7 +72,7 @@ def test_exported_captions_equal_pytorch(name, exported):
     assert len({tuple(c) for c in ours}) > 1                 # the photos get different captions
 
     # the step's numbers, not only the argmaxes, and the attention, on a beam batch of 2 images x 4 beams
-    enc_pt, dec_pt, word_map, _ = caption.load_captioner(ckpt, 'cpu')
+    enc_pt, dec_pt, word_map, _ = loading.load_captioner(ckpt, 'cpu')
     enc_ox, dec_ox, word_map_ox, _ = onnx_captioner.load_onnx_captioner(str(out))
     assert word_map_ox == word_map and dec_ox.has_attention == dec_pt.has_attention
     images = torch.randn(2, 3, 64, 64)

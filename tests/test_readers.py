@@ -1,15 +1,15 @@
-"""The caption readers of formats.py on fixtures written here: Flickr8k-CN and Flickr8k token files with
+"""The caption readers of preparation/formats.py on fixtures written here: Flickr8k-CN and Flickr8k token files with
 split lists, AI Challenger JSON, official COCO caption JSON, CSV with a BOM, non-UTF-8 files, duplicate
 rows, image paths that leave the image folder; and the tokenizer record 00 writes."""
 import json
 import os
 
 import pytest
-
-import datasets
-import text
 from conftest import script
 from test_prepare import make_images
+
+from captioning import text
+from captioning.preparation import formats
 
 prep = script('00_create_input_files')
 
@@ -36,7 +36,7 @@ def test_flickr8k_cn_token_file_with_split_lists(tmp_path, imgs, capsys):
                    encoding='utf-8')
     (tmp_path / 'train.txt').write_text('a\nb\n')
     (tmp_path / 'val.txt').write_text('c.jpg\n')              # names with or without .jpg
-    recs = datasets.read_caption_table(str(cap), str(imgs), tokenizer='auto',
+    recs = formats.read_caption_table(str(cap), str(imgs), tokenizer='auto',
                                        split_lists={'TRAIN': str(tmp_path / 'train.txt'),
                                                     'VAL': str(tmp_path / 'val.txt')})
     assert [(r.name, r.split) for r in recs] == [('a.jpg', 'TRAIN'), ('b.jpg', 'TRAIN'), ('c.jpg', 'VAL')]
@@ -56,11 +56,11 @@ def test_flickr8k_cn_token_file_with_split_lists(tmp_path, imgs, capsys):
 def test_flickr8k_english_token_file_tab_and_tokenizer_flag(tmp_path, imgs):
     tok = tmp_path / 'Flickr8k.token.txt'
     tok.write_text('a.jpg#0\tA café in Москва .\na.jpg#1\tA dog .\nb.jpg#0\tTwo dogs .\n', encoding='utf-8')
-    recs = datasets.read_caption_table(str(tok), str(imgs), val_fraction=0, test_fraction=0, tokenizer='auto')
+    recs = formats.read_caption_table(str(tok), str(imgs), val_fraction=0, test_fraction=0, tokenizer='auto')
     assert recs[0].tokenizer == 'words' and recs[0].tokens[0] == ['a', 'café', 'in', 'москва']
     cap = tmp_path / 'z.txt'
     cap.write_text('a.jpg#zhc#0 一个男人\n', encoding='utf-8')
-    recs = datasets.read_caption_table(str(cap), str(imgs), val_fraction=0, test_fraction=0, tokenizer='chars')
+    recs = formats.read_caption_table(str(cap), str(imgs), val_fraction=0, test_fraction=0, tokenizer='chars')
     assert recs[0].tokens == [['一', '个', '男', '人']]
 
 
@@ -70,11 +70,11 @@ def test_split_list_conflict_and_no_listed_image(tmp_path, imgs):
     (tmp_path / 't.txt').write_text('a\n')
     (tmp_path / 'v.txt').write_text('x\na\n')
     with pytest.raises(ValueError, match=r'v.txt: line 2: image .a. is also in the TRAIN list'):
-        datasets.read_caption_table(str(cap), str(imgs), split_lists={'TRAIN': str(tmp_path / 't.txt'),
+        formats.read_caption_table(str(cap), str(imgs), split_lists={'TRAIN': str(tmp_path / 't.txt'),
                                                                        'VAL': str(tmp_path / 'v.txt')})
     (tmp_path / 'none.txt').write_text('zzz\n')
     with pytest.raises(ValueError, match='none of its images is named in the split lists'):
-        datasets.read_caption_table(str(cap), str(imgs), split_lists={'TRAIN': str(tmp_path / 'none.txt')})
+        formats.read_caption_table(str(cap), str(imgs), split_lists={'TRAIN': str(tmp_path / 'none.txt')})
 
 
 def ai_challenger(path, items):
@@ -88,13 +88,13 @@ def test_ai_challenger_json_with_separate_validation_file(tmp_path, imgs):
     val_imgs = tmp_path / 'val_imgs'
     make_images(str(val_imgs), ['v1.jpg'])
     val = ai_challenger(tmp_path / 'caption_validation_annotations.json', [('v1.jpg', ['一只猫在睡觉'])])
-    recs = datasets.read_caption_table(str(train), str(imgs), seed=0, val_fraction=0.5, test_fraction=0,
+    recs = formats.read_caption_table(str(train), str(imgs), seed=0, val_fraction=0.5, test_fraction=0,
                                        tokenizer='auto', val_path=str(val), val_image_folder=str(val_imgs))
     splits = {r.name: r.split for r in recs}
     assert splits == {'a.jpg': 'TRAIN', 'b.jpg': 'TRAIN', 'c.jpg': 'TRAIN', 'v1.jpg': 'VAL'}   # val file = VAL
     assert recs[-1].path == os.path.join(str(val_imgs), 'v1.jpg') and recs[-1].tokenizer == 'jieba'
     # without splits: the seeded fractions
-    recs = datasets.read_caption_table(str(train), str(imgs), seed=0, val_fraction=0.34, test_fraction=0.34)
+    recs = formats.read_caption_table(str(train), str(imgs), seed=0, val_fraction=0.34, test_fraction=0.34)
     assert sorted(r.split for r in recs) == ['TEST', 'TRAIN', 'VAL']
     out = tmp_path / 'out'
     assert run('--dataset', 'aic', '--captions-file', train, '--image-folder', imgs, '--val-captions-file', val,
@@ -118,7 +118,7 @@ def test_malformed_json_caption_files(tmp_path, imgs, capsys, content, message):
     path = tmp_path / 'caps.json'
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=message):
-        datasets.read_caption_table(str(path), str(imgs))
+        formats.read_caption_table(str(path), str(imgs))
     assert run('--dataset', 'x', '--captions-file', path, '--image-folder', imgs, '--output-folder', tmp_path / 'o') == 1
     err = capsys.readouterr().err
     assert err.startswith(f'error: {path}') and 'Traceback' not in err
@@ -138,7 +138,7 @@ def test_official_coco_caption_json(tmp_path, imgs):
     path = coco_json(tmp_path / 'captions_train2017.json',
                      [('a.jpg', ['A man riding a horse.', 'A person on a horse']), ('b.jpg', ['Two dogs play.'])],
                      extra_image='unannotated.jpg')
-    recs = datasets.read_caption_table(str(path), str(imgs), val_fraction=0, test_fraction=0, tokenizer='auto')
+    recs = formats.read_caption_table(str(path), str(imgs), val_fraction=0, test_fraction=0, tokenizer='auto')
     assert [(r.name, r.raws) for r in recs] == [('a.jpg', ['A man riding a horse.', 'A person on a horse']),
                                                 ('b.jpg', ['Two dogs play.'])]     # images without captions left out
     assert recs[0].tokenizer == 'words' and recs[0].tokens[0] == ['a', 'man', 'riding', 'a', 'horse']
@@ -148,7 +148,7 @@ def test_csv_with_utf8_bom_and_duplicate_rows_merged(tmp_path, imgs, capsys):
     path = tmp_path / 'captions.csv'
     rows = 'image,caption\na.jpg,A dog runs\na.jpg,A dog  runs\nb.jpg,"A cat, sleeping"\na.jpg,a dog jumps\nb.jpg,A cat, sleeping\n'
     path.write_bytes(b'\xef\xbb\xbf' + rows.replace('A cat, sleeping\n', '"A cat, sleeping"\n').encode('utf-8'))
-    recs = datasets.read_caption_table(str(path), str(imgs), val_fraction=0, test_fraction=0)
+    recs = formats.read_caption_table(str(path), str(imgs), val_fraction=0, test_fraction=0)
     assert [(r.name, r.raws, r.merged_duplicates) for r in recs] == [
         ('a.jpg', ['A dog runs', 'a dog jumps'], 1), ('b.jpg', ['A cat, sleeping'], 1)]
     assert run('--dataset', 'bom', '--captions-file', path, '--image-folder', imgs, '--output-folder',
@@ -162,7 +162,7 @@ def test_token_file_keeps_identical_sentences_of_different_annotators(tmp_path, 
     cap = tmp_path / 'c.txt'
     cap.write_text('a.jpg#zhc#0 两匹马在沙漠上。\na.jpg#zhc#1 两只马在地上。\na.jpg#zhc#4 两匹马在沙漠上。\n'
                    'a.jpg#zhc#1 两只马在地上。\n', encoding='utf-8')
-    rec, = datasets.read_caption_table(str(cap), str(imgs), val_fraction=0, test_fraction=0)
+    rec, = formats.read_caption_table(str(cap), str(imgs), val_fraction=0, test_fraction=0)
     assert rec.raws == ['两匹马在沙漠上。', '两只马在地上。', '两匹马在沙漠上。'] and rec.merged_duplicates == 1
 
 
@@ -174,7 +174,7 @@ def test_non_utf8_error_names_the_line(tmp_path, imgs, capsys, name):
              'caps.jsonl': ['{"image": "a.jpg", "caption": "a dog"}', '{"image": "b.jpg", "caption": "caf\xe9"}']}[name]
     path.write_bytes('\n'.join(lines).encode('latin-1') + b'\n')
     with pytest.raises(ValueError, match=f'{name}: line {len(lines)}: not UTF-8 text'):
-        datasets.read_caption_table(str(path), str(imgs))
+        formats.read_caption_table(str(path), str(imgs))
     assert run('--dataset', 'x', '--captions-file', path, '--image-folder', imgs, '--output-folder', tmp_path / 'o') == 1
     assert f'line {len(lines)}: not UTF-8' in capsys.readouterr().err
 
@@ -184,8 +184,8 @@ def test_paths_leaving_the_image_folder_are_refused(tmp_path, imgs, capsys, bad)
     path = tmp_path / 'captions.csv'
     path.write_text(f'image,caption\na.jpg,a dog\n{bad},a cat\n')
     with pytest.raises(ValueError, match=f"captions.csv: line 3: image path '{bad}' leaves the image folder"):
-        datasets.read_caption_table(str(path), str(imgs))
-    recs = datasets.read_caption_table(str(path), str(imgs), allow_outside=True)
+        formats.read_caption_table(str(path), str(imgs))
+    recs = formats.read_caption_table(str(path), str(imgs), allow_outside=True)
     assert recs[1].path == os.path.join(str(imgs), bad)
     # Karpathy JSON: the entry is named
     kj = tmp_path / 'k.json'
@@ -194,8 +194,8 @@ def test_paths_leaving_the_image_folder_are_refused(tmp_path, imgs, capsys, bad)
         {'filename': os.path.basename(bad), 'filepath': os.path.dirname(bad) or '..', 'split': 'val',
          'sentences': [{'raw': 'a cat'}]}]}))
     with pytest.raises(ValueError, match=r'k.json: images\[1\] .*leaves the image folder'):
-        datasets.read_karpathy(str(kj), str(imgs))
-    assert len(datasets.read_karpathy(str(kj), str(imgs), allow_outside=True)) == 2
+        formats.read_karpathy(str(kj), str(imgs))
+    assert len(formats.read_karpathy(str(kj), str(imgs), allow_outside=True)) == 2
     assert run('--dataset', 'x', '--captions-file', path, '--image-folder', imgs, '--output-folder', tmp_path / 'o') == 1
     assert '--allow-outside-paths' in capsys.readouterr().err
 
@@ -205,12 +205,12 @@ def test_karpathy_raw_only_sentences_are_segmented(tmp_path, imgs):
     kj.write_text(json.dumps({'images': [
         {'filename': n, 'split': 'train', 'sentences': [{'tokens': [], 'raw': s} for s in ZH[n]]} for n in ZH]},
         ensure_ascii=False), encoding='utf-8')
-    recs = datasets.read_karpathy(str(kj), str(imgs), tokenizer='auto')
+    recs = formats.read_karpathy(str(kj), str(imgs), tokenizer='auto')
     assert recs[0].tokenizer == 'jieba' and recs[0].tokens[0] == ['一个', '男人', '在', '骑马']
     # with `words`, the given tokens of an English Karpathy file are kept as they are
     kj.write_text(json.dumps({'images': [{'filename': 'a.jpg', 'split': 'train',
                                           'sentences': [{'tokens': ['a', 'dog'], 'raw': 'A Dog!'}]}]}))
-    assert datasets.read_karpathy(str(kj), str(imgs))[0].tokens == [['a', 'dog']]
+    assert formats.read_karpathy(str(kj), str(imgs))[0].tokens == [['a', 'dog']]
 
 
 def test_karpathy_json_with_bom_and_non_utf8(tmp_path, imgs):
@@ -218,8 +218,8 @@ def test_karpathy_json_with_bom_and_non_utf8(tmp_path, imgs):
     body = json.dumps({'images': [{'filename': 'a.jpg', 'split': 'train', 'sentences': [{'raw': 'Un café noir'}]}]},
                       ensure_ascii=False, indent=1)
     kj.write_bytes(b'\xef\xbb\xbf' + body.encode('utf-8'))
-    assert datasets.read_karpathy(str(kj), str(imgs))[0].tokens == [['un', 'café', 'noir']]
+    assert formats.read_karpathy(str(kj), str(imgs))[0].tokens == [['un', 'café', 'noir']]
     kj.write_bytes(body.encode('latin-1'))
     line = body.split('\n').index(next(x for x in body.split('\n') if 'caf' in x)) + 1
     with pytest.raises(ValueError, match=f'k.json: line {line}: not UTF-8 text'):
-        datasets.read_karpathy(str(kj), str(imgs))
+        formats.read_karpathy(str(kj), str(imgs))

@@ -11,15 +11,14 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
-
 from conftest import REPO, TINY_MODEL, script
+from PIL import Image
 
-import checkpoint
 import datasets
-import prepare
 import utils
+from captioning import checkpoint
+from captioning.preparation import formats, prepare
 
 train = script('01_train')
 infer = script('02_inference')
@@ -249,7 +248,7 @@ def test_image_transform_matches_torchvision_exactly(shape):
 
 
 def test_captioning_does_not_import_torchvision():
-    code = ('import sys; sys.path.insert(0, %r); import caption, datasets, utils; import importlib\n'
+    code = ('import sys; sys.path.insert(0, %r); from captioning.decoding import loading, search; import datasets, utils; import importlib\n'
             'importlib.import_module("02_inference")\n'
             'print("torchvision" in sys.modules)') % REPO
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
@@ -301,7 +300,7 @@ def test_inference_flags_are_range_checked(tiny_checkpoint, tmp_path, capsys, fl
 
 def test_inference_checks_the_output_place_before_captioning(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / 'a_file').write_text('')
-    monkeypatch.setattr(infer.caption, 'caption_batches', lambda *a, **k: pytest.fail('captioned first'))
+    monkeypatch.setattr(infer.files, 'caption_batches', lambda *a, **k: pytest.fail('captioned first'))
     rc = infer.main(['--img', str(photos(tmp_path / 'a')), '--checkpoint', tiny_checkpoint,
                      '--out', str(tmp_path / 'a_file' / 'out')])
     assert rc == 1
@@ -391,7 +390,7 @@ PUBLISH_KILL = '''
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import datasets
-import prepare
+from captioning.preparation import formats, prepare
 moves, real = [0], os.replace
 def replace(src, dst):   # kill -9 after {k} of the moves from the staging folder into the data folder
     if '.staging-' in src and '.staging-' not in dst:
@@ -400,7 +399,7 @@ def replace(src, dst):   # kill -9 after {k} of the moves from the staging folde
         moves[0] += 1
     real(src, dst)
 os.replace = replace
-records = datasets.read_karpathy({json!r}, {images!r})
+records = formats.read_karpathy({json!r}, {images!r})
 prepare.prepare_dataset(records, 'synthetic', {out!r}, min_word_freq=2, seed=1, workers=1)
 '''
 
@@ -414,14 +413,14 @@ def test_a_kill_while_publishing_leaves_a_set_every_reader_calls_incomplete(synt
                                images=os.path.join(source, 'synthetic_source', 'images'), out=str(folder))
     assert subprocess.run([sys.executable, '-c', code]).returncode == -signal.SIGKILL
     assert list(folder.glob('.staging-*'))                                  # what the kill left
-    for split in datasets.SPLITS:
+    for split in utils.SPLITS:
         with pytest.raises(FileNotFoundError, match='incomplete set'):
             datasets.CaptionDataset(str(folder), name, split)
     assert evaluate.main(['--checkpoint', tiny_checkpoint, '--data-folder', str(folder)]) == 1
     assert 'incomplete set' in one_error_line(capsys.readouterr().err)
     assert train.main(['--data-folder', str(folder), '--data-name', name, *TINY_MODEL]) == 1
     assert 'incomplete set' in one_error_line(capsys.readouterr().err)
-    records = datasets.read_karpathy(os.path.join(source, 'synthetic_source', 'dataset_synthetic.json'),
+    records = formats.read_karpathy(os.path.join(source, 'synthetic_source', 'dataset_synthetic.json'),
                                      os.path.join(source, 'synthetic_source', 'images'))
     prepare.prepare_dataset(records, 'synthetic', str(folder), min_word_freq=2, seed=1, workers=1)
     assert not list(folder.glob('.staging-*'))                              # the next run cleaned up
@@ -466,7 +465,7 @@ def test_evaluate_flags_are_range_checked(synth_data, tiny_checkpoint, capsys, f
 
 
 # ----------------------------------------------------------------------------------------------
-# Reproducibility, as the README states it
+# Reproducibility, as docs/reliability.md states it
 
 def test_two_fresh_runs_with_the_same_seed_are_bit_identical(data_copy, tmp_path):
     """Separate processes; the first builds the feature cache, the second reuses it (as two runs do).

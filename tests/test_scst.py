@@ -1,5 +1,5 @@
-"""Fast CIDEr-D (cider.py), caption sampling (caption.sample_captions) and self-critical training
-(scst.py, 01_train.py --objective scst)."""
+"""Fast CIDEr-D (captioning/scoring/cider.py), caption sampling (caption.sample_captions) and self-critical training
+(captioning/training/scst.py, 01_train.py --objective scst)."""
 import json
 import os
 import random
@@ -7,14 +7,14 @@ import random
 import numpy as np
 import pytest
 import torch
-
-import decoders
-import scst
-from caption import beam_search, sample_captions
-from cider import Cider, CiderD
 from conftest import script, tiny_decoder
-from scst import SelfCritical
 from test_distributed import torchrun
+
+from captioning.decoders import registry
+from captioning.decoding.search import beam_search, sample_captions
+from captioning.scoring.cider import Cider, CiderD
+from captioning.training import scst
+from captioning.training.scst import SelfCritical
 
 train = script('01_train')
 
@@ -68,7 +68,7 @@ WORD_MAP = {'<pad>': 0, **{w: i + 1 for i, w in enumerate(VOCAB)}}
 WORD_MAP.update({'<unk>': len(WORD_MAP), '<start>': len(WORD_MAP) + 1, '<end>': len(WORD_MAP) + 2})
 
 
-@pytest.mark.parametrize('name', list(decoders.DECODERS))
+@pytest.mark.parametrize('name', list(registry.DECODERS))
 def test_sampling_is_reproducible_and_rescoring_gives_its_log_probabilities(name):
     dec = tiny_decoder(name, len(WORD_MAP), 7)
     feats = torch.randn(3, 2, 2, 7, generator=torch.Generator().manual_seed(1))
@@ -95,7 +95,7 @@ def test_sampling_is_reproducible_and_rescoring_gives_its_log_probabilities(name
     assert torch.allclose(per_caption, logp[out.sort_ind], atol=1e-4)
 
 
-@pytest.mark.parametrize('name', list(decoders.DECODERS))
+@pytest.mark.parametrize('name', list(registry.DECODERS))
 def test_sampling_with_dropout_equals_rescoring_when_dropout_is_zero(name):
     """--scst-dropout differentiates the samples in the pass that drew them; with a dropout of 0 the
     policy is the re-scored one, so loss and gradients must equal the teacher-forced path's."""
@@ -236,11 +236,11 @@ def test_self_critical_raises_the_mean_reward_on_a_set_it_can_overfit(dropout):
     word_map = {'<pad>': 0, **{w: i + 1 for i, w in enumerate(words)}}
     word_map.update({'<unk>': len(word_map), '<start>': len(word_map) + 1, '<end>': len(word_map) + 2})
     torch.manual_seed(0)
-    dec = decoders.build_decoder('sat', len(word_map), 4, emb_dim=16, attention_dim=16, decoder_dim=32,
+    dec = registry.build_decoder('sat', len(word_map), 4, emb_dim=16, attention_dim=16, decoder_dim=32,
                                  dropout=0.2)
     sc = SelfCritical(dec, CiderD([[r.split() for r in refs] for refs in REFS]), word_map, samples=5,
                       max_len=10, dropout=dropout).train()
-    assert dec.training == dropout                          # by default dropout is off: see scst.py
+    assert dec.training == dropout                          # by default dropout is off: see captioning/training/scst.py
     feats, images = torch.eye(4).view(4, 1, 1, 4), torch.arange(4)
 
     def expected_reward():                                  # 32 samples per image on fixed draws, no dropout

@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, script
+from PIL import Image
 
 pytest.importorskip('fastapi', reason='the web server extras are not installed (pip install -r requirements-extras.txt)')
 pytest.importorskip('python_multipart', reason='python-multipart is not installed (pip install -r requirements-extras.txt)')
@@ -23,9 +22,10 @@ if not (importlib.util.find_spec('httpx2') or importlib.util.find_spec('httpx'))
     pytest.skip("FastAPI's test client needs httpx2 (pip install -r requirements-dev.txt)", allow_module_level=True)
 from fastapi.testclient import TestClient  # noqa: E402
 
-import caption  # noqa: E402
 import datasets  # noqa: E402
-import quantize  # noqa: E402
+from captioning.decoders import interface  # noqa: E402
+from captioning.decoding import loading, quantize, search  # noqa: E402
+from captioning.serving import uploads  # noqa: E402
 
 serve = script('04_serve')
 SAMPLES = f'{REPO}/assets/samples'
@@ -71,16 +71,16 @@ def test_caption_matches_the_pipeline_and_has_every_field(client, app, tiny_chec
     r = post(client, photo('chelsea_cat.jpg'), beam_size=2)
     assert r.status_code == 200, r.text
     body = r.json()
-    # The same image through caption.py directly: the server adds nothing and loses nothing.
-    encoder, decoder, word_map, config = caption.load_captioner(tiny_checkpoint, 'cpu')
+    # The same image through the beam search directly: the server adds nothing and loses nothing.
+    encoder, decoder, word_map, config = loading.load_captioner(tiny_checkpoint, 'cpu')
     decoder, _ = quantize.apply_precision(decoder, app.state.captioner.precision, 'cpu')   # as the server's
-    no_end_after, _ = caption.bad_endings_setting('avoid', decoder, word_map, config)   # as the server's default
+    no_end_after, _ = loading.bad_endings_setting('avoid', decoder, word_map, config)   # as the server's default
     img = datasets.load_image(f'{SAMPLES}/chelsea_cat.jpg', size=encoder.transform_config()['size'])
     with torch.inference_mode():
         enc = encoder(datasets.ImageTransform(**encoder.transform_config())(img).unsqueeze(0))
-    hyp = caption.beam_search(decoder, enc, word_map, beam_size=2, length_norm=caption.DEFAULT_LENGTH_NORM,
-                              no_repeat_ngram_size=caption.DEFAULT_NO_REPEAT_NGRAM, no_end_after=no_end_after)[0]
-    words = caption.words_of(hyp['tokens'], {v: k for k, v in word_map.items()})
+    hyp = search.beam_search(decoder, enc, word_map, beam_size=2, length_norm=search.DEFAULT_LENGTH_NORM,
+                              no_repeat_ngram_size=search.DEFAULT_NO_REPEAT_NGRAM, no_end_after=no_end_after)[0]
+    words = interface.words_of(hyp['tokens'], {v: k for k, v in word_map.items()})
     assert no_end_after and app.state.captioner.no_end_after == no_end_after
     assert body['words'] == words and body['caption'] == ' '.join(words)
     assert body['beams'][0]['caption'] == body['caption']
@@ -93,11 +93,11 @@ def test_caption_matches_the_pipeline_and_has_every_field(client, app, tiny_chec
         assert m == pytest.approx(ref.tolist(), abs=1e-4)
     assert body['image'] == dict(zip(('width', 'height'), Image.open(f'{SAMPLES}/chelsea_cat.jpg').size))
     assert body['beam_size'] == 2 and body['ms'] > 0 and body['model_ms'] > 0 and body['batch_size'] == 1
-    assert app.state.captioner.no_repeat_ngram == caption.DEFAULT_NO_REPEAT_NGRAM      # the scripts' default
+    assert app.state.captioner.no_repeat_ngram == search.DEFAULT_NO_REPEAT_NGRAM      # the scripts' default
 
 
 def test_beams_come_from_the_search_when_it_lists_them(client, monkeypatch):
-    real = caption.beam_search
+    real = search.beam_search
 
     def with_beams(*a, **kw):
         hyps = real(*a, **kw)
@@ -105,7 +105,7 @@ def test_beams_come_from_the_search_when_it_lists_them(client, monkeypatch):
             h['beams'] = [{'tokens': h['tokens'], 'score': h['score'], 'norm_score': h['norm_score']},
                           {'tokens': h['tokens'][:1], 'score': h['score'] - 1, 'norm_score': h['norm_score'] - 1}]
         return hyps
-    monkeypatch.setattr(caption, 'beam_search', with_beams)
+    monkeypatch.setattr(search, 'beam_search', with_beams)
     beams = post(client, photo('coffee.jpg')).json()['beams']
     assert len(beams) == 2 and beams[1]['score'] == pytest.approx(beams[0]['score'] - 1, abs=1e-3)
 
@@ -165,7 +165,7 @@ def test_oversized_body_is_refused_unparsed_and_drained_up_to_a_bound(app):
     status, body, read = _asgi_post(app, chunks)                                  # chunked, no length: counted
     assert status == 413 and 'limit' in body['detail'] and read == len(chunks)
     # Past the drain bound the rest is not read: declared, not a byte; chunked, it stops past the bound
-    bounded = serve._Guard(app, max_bytes=2**20, drain_bytes=2 * 2**20)
+    bounded = uploads.UploadGuard(app, max_bytes=2**20, drain_bytes=2 * 2**20)
     status, body, read = _asgi_post(bounded, chunks, content_length=sum(map(len, chunks)))
     assert status == 413 and 'limit' in body['detail'] and read == 0
     status, body, read = _asgi_post(bounded, chunks)

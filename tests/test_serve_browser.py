@@ -11,7 +11,6 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import REPO, script, served
 
 CHROMIUM = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
@@ -35,8 +34,8 @@ SAMPLE = os.path.join(REPO, 'assets', 'samples', 'camera_man_gray.jpg')
 @pytest.fixture(scope='module')
 def server():
     """04_serve.py's app under uvicorn in a thread of this process, on a free 127.0.0.1 port."""
-    import caption
-    with served(script('04_serve').create_app(caption.DEFAULT_CHECKPOINTS)) as url:
+    from captioning.decoding import loading
+    with served(script('04_serve').create_app(loading.DEFAULT_CHECKPOINTS)) as url:
         yield url
 
 

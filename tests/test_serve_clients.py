@@ -1,7 +1,7 @@
 """04_serve.py under a real uvicorn on 127.0.0.1, as clients meet it: a 25 MB upload gets the 413 JSON
 through urllib and httpx (clients that send the whole body before reading the answer), and the soak
 benchmark (bench_serve.py --soak) runs a short bounded soak with resident-memory readings; the
-allocator settings the server applies (allocator.py)."""
+allocator settings the server applies (captioning/serving/allocator.py)."""
 import importlib.util
 import json
 import subprocess
@@ -12,9 +12,9 @@ import urllib.request
 import uuid
 
 import pytest
-
-import allocator
 from conftest import REPO, script, served
+
+from captioning.serving import allocator
 
 pytest.importorskip('fastapi', reason='the web server extras are not installed (pip install -r requirements-extras.txt)')
 pytest.importorskip('uvicorn', reason='the web server extras are not installed (pip install -r requirements-extras.txt)')
@@ -108,7 +108,7 @@ def test_bench_serve_refuses_an_unbounded_soak(tiny_checkpoint):
 
 
 def _run_restart(env):
-    code = ('import os, allocator; r = allocator.restart_with_jemalloc(); '
+    code = ('import os; from captioning.serving import allocator; r = allocator.restart_with_jemalloc(); '
             'print(r, allocator.jemalloc_loaded(), os.environ.get("MALLOC_CONF", "-"))')
     done = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import torch
+from conftest import REPO, script
+from test_streaming import lines, make_photos
 
 import datasets
 import models
-from conftest import REPO, script
-from test_streaming import lines, make_photos
 
 
 def torchrun(cwd, *args):

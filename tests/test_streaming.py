@@ -1,4 +1,4 @@
-"""Streaming inference (02_inference.py + streaming.py): captions.jsonl per batch, resume after a
+"""Streaming inference (02_inference.py + captioning/scale/streaming.py): captions.jsonl per batch, resume after a
 kill -9, a torn last line, settings that refuse to mix, the merge's order, flat memory, progress."""
 import json
 import os
@@ -11,11 +11,10 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, script
 from PIL import Image
 
-import sharding
-import streaming
-from conftest import REPO, script
+from captioning.scale import sharding, streaming
 
 infer = script('02_inference')
 
@@ -24,7 +23,7 @@ infer = script('02_inference')
 HARNESS = r'''
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import streaming
+from captioning.scale import streaming
 kill_at, how, argv = int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 real, batches = streaming.CaptionLog.append, [0]
 def append(self, records):

@@ -1,11 +1,10 @@
-"""text.py: the tokenizers, CJK detection, decoding, the tokenizer record, and the CJK figure font."""
+"""captioning/text.py: the tokenizers, CJK detection, decoding, the tokenizer record, and the CJK figure font."""
 import json
 
 import pytest
 from PIL import ImageFont
 
-import text
-import utils
+from captioning import text
 
 
 def test_words_keeps_accents_and_other_scripts():
@@ -15,7 +14,7 @@ def test_words_keeps_accents_and_other_scripts():
     # decomposed accents (e + U+0301) are composed, not split off
     assert text.tokenize('cafe\u0301') == ['café']
     # ASCII behaves as the tutorial's [a-z0-9]+ did: compatible with existing prepared data
-    assert utils.tokenize("A dog's toy, 2 balls_x.") == ['a', 'dog', 's', 'toy', '2', 'balls', 'x']
+    assert text.tokenize("A dog's toy, 2 balls_x.") == ['a', 'dog', 's', 'toy', '2', 'balls', 'x']
 
 
 def test_words_drops_full_width_punctuation():

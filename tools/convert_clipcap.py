@@ -29,12 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
-import clipcap  # noqa: E402
 import datasets  # noqa: E402
-import decoders  # noqa: E402
-import text  # noqa: E402
 import utils  # noqa: E402
+from captioning import checkpoint, text  # noqa: E402
+from captioning.decoders import clipcap, registry  # noqa: E402
 from models import DECODER_SETTINGS, Encoder  # noqa: E402
 
 LM = 'gpt2'                                        # the LM the original was built on
@@ -72,7 +70,7 @@ def convert(state, lm=LM, encoder_weights=ENCODER_WEIGHTS, freeze_lm=False, data
     if first.size(1) != encoder.encoder_dim:
         raise ValueError(f'this ClipCap was trained on {first.size(1)}-d image embeddings (another CLIP); '
                          f'{ENCODER} gives {encoder.encoder_dim}')
-    decoder = decoders.build_decoder('clipcap', len(word_map), encoder.encoder_dim, lm=lm, freeze_lm=freeze_lm,
+    decoder = registry.build_decoder('clipcap', len(word_map), encoder.encoder_dim, lm=lm, freeze_lm=freeze_lm,
                                      dropout=0.1, **settings)
     decoder.use_word_map(word_map, tokenizer)
     if decoder.scratch:

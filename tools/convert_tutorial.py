@@ -9,7 +9,7 @@ which pickles whole modules) and its word map into a checkpoint of this suite, w
 (--checkpoint X.pth.tar --word-map WORDMAP.json) and convert it in memory on every start.
 How the file is read (both torch file formats; the tutorial's classes, torch.nn modules and
 optimizers become inert holders of their weights; anything else is refused) and what the result
-holds: pickled_modules.py, tutorial_import.py and docs/tutorial-checkpoints.md.
+holds: captioning/tutorial/pickled_modules.py, captioning/tutorial/importer.py and docs/tutorial-checkpoints.md.
 """
 import argparse
 import os
@@ -17,9 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
-import tutorial_import  # noqa: E402
 import utils  # noqa: E402
+from captioning import checkpoint  # noqa: E402
+from captioning.tutorial import importer  # noqa: E402
 
 
 def main(argv=None):
@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument('out', help='where to write the checkpoint (.pt)')
     args = p.parse_args(argv)
     try:
-        ckpt = tutorial_import.convert_file(args.tutorial_checkpoint, args.word_map)
+        ckpt = importer.convert_file(args.tutorial_checkpoint, args.word_map)
         checkpoint.save_checkpoint(args.out, ckpt)
     except (OSError, ValueError, ImportError) as e:
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)

@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
 import utils  # noqa: E402
+from captioning import checkpoint  # noqa: E402
 
 
 def main(argv=None):

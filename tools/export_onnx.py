@@ -1,11 +1,11 @@
-"""Export a checkpoint for deployment as ONNX: the encoder and one decoder step (onnx_captioner.py).
+"""Export a checkpoint for deployment as ONNX: the encoder and one decoder step (captioning/decoding/onnx_captioner.py).
 
     python tools/export_onnx.py checkpoints/flickr8k_efficientnet_lite0_fp16.pt exports/lite0
     python tools/export_onnx.py runs/<name>/BEST_checkpoint_<name>.pt exports/mine --no-check
 
 Writes encoder.onnx, decoder_prepare.onnx, decoder_step.onnx and captioner.json into OUT_DIR. The beam
 search stays in Python: onnx_captioner.load_onnx_captioner(OUT_DIR) gives an encoder and a decoder
-that caption.beam_search runs as it runs the PyTorch ones. Then, when onnxruntime is installed, the
+that search.beam_search runs as it runs the PyTorch ones. Then, when onnxruntime is installed, the
 bundled sample photos (assets/samples) are captioned both ways and the captions compared.
 Needs onnx and onnxscript (torch.onnx's exporter) and, for the check, onnxruntime:
 pip install -r requirements-extras.txt. Decoders: sat, dot_attention, show_tell, repeat_bilstm.
@@ -18,10 +18,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import caption  # noqa: E402
-import checkpoint  # noqa: E402
-import onnx_captioner  # noqa: E402
 import utils  # noqa: E402
+from captioning import checkpoint  # noqa: E402
+from captioning.decoding import loading, onnx_captioner  # noqa: E402
 
 SAMPLES = os.path.join(REPO, 'assets', 'samples')
 
@@ -35,7 +34,7 @@ def check(ckpt_path, out_dir, beam_size=3, **beam_kw):
     02_inference.py's defaults unless beam_kw says otherwise. -> (photos, PyTorch captions, ONNX captions)."""
     photos = sample_photos()
     theirs = onnx_captioner.caption_files(onnx_captioner.load_onnx_captioner(out_dir), photos, beam_size, **beam_kw)
-    ours = onnx_captioner.caption_files(caption.load_captioner(ckpt_path, 'cpu'), photos, beam_size, **beam_kw)
+    ours = onnx_captioner.caption_files(loading.load_captioner(ckpt_path, 'cpu'), photos, beam_size, **beam_kw)
     return photos, ours, theirs
 
 

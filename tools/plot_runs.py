@@ -5,7 +5,7 @@
 
 One colour per run: train loss solid and VAL teacher-forced loss dashed, VAL BLEU-4, VAL CIDEr-D
 and (self-critical runs) the train reward per epoch, all read from each run folder's metrics.jsonl.
-Every run also draws its own curves.png (with its logged steps) after each epoch: curves.py.
+Every run also draws its own curves.png (with its logged steps) after each epoch: captioning/training/curves.py.
 """
 import argparse
 import os
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import curves  # noqa: E402
+from captioning.training import curves  # noqa: E402
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""The model zoo's table rows (README, docs/zoo.md) from run folders, so no figure is copied by hand.
+"""The model zoo's table rows (docs/results.md, docs/zoo.md) from run folders, so no figure is copied by hand.
 
     python tools/zoo_table.py runs/zoo_sat runs/zoo_transformer runs/zoo_transformer_scst
 
@@ -22,9 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
-import curves  # noqa: E402
 import utils  # noqa: E402
+from captioning import checkpoint  # noqa: E402
+from captioning.training import curves  # noqa: E402
 
 BEAM_SIZE = 3
 BENCH_BATCH = 32

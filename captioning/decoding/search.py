@@ -1,42 +1,11 @@
-"""Captioning with a trained model: the one beam search (used by validation, evaluation and
-inference), model loading from a checkpoint, and attention figures.
-"""
-import argparse
-import math
-import os
+"""The one beam search (used by validation, evaluation, inference and the server) and the sampler
+(self-critical training), for any decoder behind the Decoder interface (captioning/decoders/interface.py)."""
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-import checkpoint
-import text
-from decoders import words_of  # noqa: F401 - the word-map case of decoder.words, for callers of caption.words_of
-from utils import atomic_path
-
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-PROVIDED_CHECKPOINT = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite0_fp16.pt')  # shipped
-PROVIDED_LITE2 = os.path.join(REPO_DIR, 'checkpoints', 'flickr8k_efficientnet_lite2_fp16.pt')       # shipped
-# The default of 02, 03, 04: both, as an ensemble (ensemble.py; chosen on Flickr8k VAL, checkpoints/README.md)
-DEFAULT_CHECKPOINTS = [PROVIDED_CHECKPOINT, PROVIDED_LITE2]
-# The Chinese default: the Flickr8k-CN Lite0 and Lite2 models as an ensemble (docs/data.md)
-PROVIDED_CN = [os.path.join(REPO_DIR, 'checkpoints', f'flickr8k_cn_efficientnet_{e}_fp16.pt') for e in ('lite0', 'lite2')]
-# Names that --checkpoint takes for the provided ensembles (a file of that name comes first)
-PROVIDED_MODELS = {'flickr8k': DEFAULT_CHECKPOINTS, 'flickr8k-cn': PROVIDED_CN}
-CHECKPOINT_HELP = ('a checkpoint, or several to decode as an ensemble (their mean word distribution; they must share '
-                   f"the word map), or a provided ensemble by name: {' | '.join(PROVIDED_MODELS)} (Chinese) "
-                   '(default: %(default)s)')
-# What the provided models know: 02 prints it and the page shows it when they are in use
-_NOTE = ('the provided checkpoints learned from {data}, which shows people, dogs and outdoor scenes only '
-         '(the bundled cat photo becomes {cat}); for everyday photos use a COCO '
-         "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "
-         'GPT-2, or 01_train.py on COCO with a GPU')
-PROVIDED_NOTE = _NOTE.format(data='Flickr8k', cat='"a man is playing with a toy"')
-PROVIDED_NOTE_CN = _NOTE.format(data='Flickr8k-CN (Chinese captions of the Flickr8k photos)',
-                                cat='"一只狗在玩耍", a dog is playing')
 DEFAULT_LENGTH_NORM = 0.5   # rank beams by score / length ** 0.5 (chosen on Flickr8k VAL; 0 = plain log-probability)
-DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, see README; 0 = off):
+DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Flickr8k VAL, docs/inference.md; 0 = off):
                              # the default of 02, 03, 04 and training's validation; beam_search's own is 0
 
 
@@ -44,7 +13,7 @@ DEFAULT_NO_REPEAT_NGRAM = 3  # no word trigram twice in a caption (chosen on Fli
 def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_norm=0.0,
                 no_repeat_ngram_size=0, min_len=1, allow_unk=False, no_end_after=None):
     """Beam search for a batch of images at once (images x beams in one batch), for any decoder of
-    decoders.py (it only calls prepare / init_state / step / select / select_memory).
+    captioning/decoders/registry.py (it only calls prepare / init_state / step / select / select_memory).
 
     encoder_out: [B, g, g, C] or [B, P, C]. beam_size 1 is greedy decoding. A hypothesis that emits
     <end> is set aside; an image is done once it has `beam_size` finished hypotheses. The best one
@@ -170,7 +139,7 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 def sample_captions(decoder, encoder_out, word_map, n=1, max_len=20, greedy=False, generator=None,
                     uniforms=None, allow_unk=False, grad=False, min_len=1):
     """Draw `n` captions per image from the decoder's own distribution (multinomial sampling), or
-    the greedy caption (`greedy`: the most likely word at each step), for any decoder of decoders.py
+    the greedy caption (`greedy`: the most likely word at each step), for any decoder of captioning/decoders/registry.py
     (prepare / init_state / step / select / select_memory).
 
     encoder_out [B, g, g, C] or [B, P, C]. Row i * n + j is sample j of image i. <start>, <pad> and
@@ -259,215 +228,12 @@ def _ngram_penalty(seqs, n, vocab_size):
     return penalty[:, :vocab_size]
 
 
-@torch.inference_mode()
-def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0,
-                  device='cpu', progress=True, **beam_kw):
-    """Caption image files in batches: the encoder runs once per image for every beam size.
-
-    Returns (results, failures): results[i] is {beam_size: hypothesis dict (see beam_search) plus
-    'words'} for paths[i], or None when it could not be decoded; failures is [(path, error)].
-    """
-    from tqdm import tqdm
-    results, failures = [None] * len(paths), []
-    batches = caption_batches(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device, **beam_kw)
-    for indices, hyps, bad in tqdm(batches, total=math.ceil(len(paths) / batch_size), desc='captioning', unit='batch',
-                                   disable=None if progress else True, leave=False):
-        failures += [(paths[i], err) for i, err in bad]
-        for j, i in enumerate(indices):
-            results[i] = {k: hyps[k][j] for k in beam_sizes}
-    return results, failures
-
-
-@torch.inference_mode()
-def caption_batches(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0, device='cpu',
-                    **beam_kw):
-    """Caption image files batch by batch, keeping nothing between batches (for collections of any size).
-
-    Yields (indices into paths, {beam_size: [hypothesis dict (see beam_search) plus 'words'] in the
-    order of indices}, [(index, error), ...] of the files of the batch that could not be decoded).
-    """
-    from torch.utils.data import DataLoader
-
-    from datasets import ImageFiles, collate_image_files, image_transform
-    device = torch.device(device)
-    rev = {v: k for k, v in word_map.items()}
-    loader = DataLoader(ImageFiles(paths, image_transform(encoder)), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_image_files, pin_memory=device.type == 'cuda')
-    for images, indices, bad in loader:
-        hyps = {}
-        if images is not None:
-            enc = encoder(images.to(device, non_blocking=True))                   # [b, g, g, C]
-            for k in beam_sizes:
-                hyps[k] = beam_search(decoder, enc, word_map, beam_size=k, **beam_kw)
-                for hyp in hyps[k]:
-                    hyp['words'] = decoder.words(hyp['tokens'], rev)
-        yield indices, hyps, bad
-
-
-def empty_reason(hyp):
-    """Why a captioned hypothesis (with 'words', see caption_paths) has no words; None when it has some."""
-    if hyp['words']:
-        return None
-    if not hyp['tokens']:
-        return 'the model ended it at once, and --min-len 0 allowed that'
-    return (f"its {len(hyp['tokens'])} token(s) decode to no words (e.g. a GPT-2 emitting only whitespace or "
-            'special pieces)')
-
-
 def search_images(decoder, encoder_out, word_map, **beam_kw):
     """beam_search over a batch; one image at a time for a decoder marked `per_image_search`
-    (quantize.py's int8 decoders, which scale their activations per call), so that a caption never
+    (captioning/decoding/quantize.py's int8 decoders, which scale their activations per call), so that a caption never
     depends on which other images shared its batch: the web server's batches are other people's
     requests. caption_paths (02, 03) searches its batches whole: batched int8 is about 3x faster than
     one image at a time, and a folder's captions depend only on the batch size (docs/speed.md)."""
     if not getattr(decoder, 'per_image_search', False):
         return beam_search(decoder, encoder_out, word_map, **beam_kw)
     return [beam_search(decoder, encoder_out[i:i + 1], word_map, **beam_kw)[0] for i in range(encoder_out.size(0))]
-
-
-def checkpoint_paths(checkpoint_path):
-    """A path, or several (an ensemble), each of which may be the name of a provided ensemble
-    (PROVIDED_MODELS, unless a file has that name) -> a list of paths."""
-    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
-    def expand(p):
-        return PROVIDED_MODELS[p] if isinstance(p, str) and p in PROVIDED_MODELS and not os.path.exists(p) else [p]
-    return [q for p in paths for q in expand(p)]
-
-
-def checkpoint_label(checkpoint_path, basename=False):
-    """One path, or several joined by ' + ' (an ensemble), for messages."""
-    paths = checkpoint_paths(checkpoint_path)
-    return ' + '.join(os.path.basename(p) if basename else os.fspath(p) for p in paths)
-
-
-def provided_note(checkpoint_path):
-    """PROVIDED_NOTE when every checkpoint is one of the provided Flickr8k ones (checkpoints/flickr8k_*),
-    PROVIDED_NOTE_CN when they are the Chinese ones (checkpoints/flickr8k_cn_*), else None."""
-    paths = checkpoint_paths(checkpoint_path)
-    provided = all(os.path.basename(p).startswith('flickr8k_') and
-                   os.path.dirname(os.path.abspath(p)) == os.path.join(REPO_DIR, 'checkpoints') for p in paths)
-    if not provided:
-        return None
-    return PROVIDED_NOTE_CN if all(os.path.basename(p).startswith('flickr8k_cn_') for p in paths) else PROVIDED_NOTE
-
-
-BAD_ENDINGS = ('avoid', 'allow')
-
-
-def add_bad_endings_argument(parser, default='avoid'):
-    """The --bad-endings flag of 02, 03 and 04."""
-    parser.add_argument('--bad-endings', choices=BAD_ENDINGS, default=default,
-                        help="avoid: never end a caption on a word that rarely ends a TRAIN reference ('a', 'in', "
-                             "'red': under 2%% of its occurrences), from the checkpoint's ending statistics; allow: "
-                             'the model decides (default: %(default)s)')
-
-
-def add_mirror_argument(parser, default=False):
-    """The --mirror flag of 02, 03 and 04."""
-    parser.add_argument('--mirror', action=argparse.BooleanOptionalAction, default=default,
-                        help='also decode every photo flipped left to right, as one more ensemble member per model '
-                             '(test-time augmentation, ensemble.py): about twice the model time (default: %(default)s)')
-
-
-def bad_endings_setting(choice, decoder, word_map, config):
-    """--bad-endings -> (the token ids to pass as beam_search's no_end_after, or None; a note to print
-    when 'avoid' cannot apply, else None)."""
-    if choice != 'avoid':
-        return None, None
-    ids = no_end_ids(decoder, word_map, config.get('endings'))
-    if ids is None:
-        why = ('its tokens are not its word map' if config.get('endings') else
-               'the checkpoint has no ending statistics (checkpoints of 01_train.py carry them; for others: '
-               'tools/write_endings.py DATA_FOLDER CHECKPOINT_FOLDER/NAME.endings.json)')
-        return None, f'--bad-endings avoid does not apply: {why}'
-    return ids, None
-
-
-def no_end_ids(decoder, word_map, endings):
-    """The token ids after which <end> is forbidden (--bad-endings avoid): the word map's words that
-    rarely end a TRAIN reference (metrics.bad_ending_words). None when they are unknown (`endings`
-    None) or the decoder's tokens are not the word map's (a pretrained GPT-2's BPE pieces)."""
-    import metrics
-    if not endings or decoder.vocab_size != len(word_map):
-        return None
-    bad = metrics.bad_ending_words(endings)
-    return sorted(i for w, i in word_map.items() if w in bad)
-
-
-def load_captioner(checkpoint_path, device, word_map=None, mirror=False):
-    """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
-    file, or from several as an ensemble (ensemble.py: one list of two or more paths). `word_map`:
-    the WORDMAP_*.json of a checkpoint of the tutorial, converted as it loads (tutorial_import.py).
-    `mirror`: every model also decodes the photo flipped left to right, as one more ensemble member
-    (ensemble.py). config['endings'] is the checkpoint's (the first member's) TRAIN ending
-    statistics or None (checkpoint.endings)."""
-    import tutorial_import
-    paths = checkpoint_paths(checkpoint_path)
-    if len(paths) > 1 or mirror:
-        if word_map:
-            raise ValueError(f"--word-map converts one tutorial checkpoint: convert it with tools/convert_tutorial.py "
-                             f"to decode it {'mirrored' if mirror else 'in an ensemble'}")
-        import ensemble
-        return ensemble.load_ensemble(paths, device, mirror)
-    ckpt = tutorial_import.load_checkpoint(paths[0], word_map)   # this suite's checkpoint, or the tutorial's
-    encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
-    return encoder, decoder, ckpt['word_map'], {**ckpt['config'], 'endings': checkpoint.endings(ckpt, paths[0])}
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention figures
-
-def _jet(x):
-    """[H, W] floats in [0, 1] -> [H, W, 3] uint8 colours of the 'jet' colour map."""
-    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
-    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
-
-
-def attention_figure(image, words, alphas, panel=192, columns=5):
-    """The image, then one panel per word with its attention map upsampled and overlaid.
-
-    image: PIL RGB; words: the emitted words (add '<end>' to show its map too); alphas: [T, P] with
-    T >= len(words) and P a square grid. Returns a PIL image.
-    """
-    grid = int(round(math.sqrt(alphas.shape[1])))
-    img = image.convert('RGB').resize((panel, panel), Image.BILINEAR)
-    base = np.asarray(img, dtype=np.float32)
-    font = text.label_font(words, max(12, panel // 12))        # a CJK font when a label needs one
-    label_h = panel // 6
-    n = len(words) + 1
-    rows = math.ceil(n / columns)
-    fig = Image.new('RGB', (columns * panel, rows * (panel + label_h)), 'white')
-    draw = ImageDraw.Draw(fig)
-    for k in range(n):
-        x, y = (k % columns) * panel, (k // columns) * (panel + label_h)
-        if k == 0:
-            fig.paste(img, (x, y))
-            label = '(image)'
-        else:
-            a = torch.as_tensor(alphas[k - 1], dtype=torch.float32).view(1, 1, grid, grid)
-            a = F.interpolate(a, size=(panel, panel), mode='bilinear', align_corners=False)[0, 0].numpy()
-            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
-            over = 0.45 * base + 0.55 * _jet(a).astype(np.float32) * (0.35 + 0.65 * a[..., None])
-            fig.paste(Image.fromarray(np.clip(over, 0, 255).astype(np.uint8)), (x, y))
-            label = words[k - 1]
-        draw.text((x + panel // 2, y + panel + label_h // 2), label, fill='black', font=font, anchor='mm')
-    return fig
-
-
-def save_attention_figure(image, words, alphas, path, **kw):
-    with atomic_path(path) as tmp:
-        attention_figure(image, words, alphas, **kw).save(tmp, format='PNG')
-    return path
-
-
-def figure_name(image_path, used):
-    """A unique PNG name for an image's attention figure."""
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    name, i = f'{stem}_attention.png', 1
-    while name in used:
-        i += 1
-        name = f'{stem}_{i}_attention.png'
-    used.add(name)
-    return name

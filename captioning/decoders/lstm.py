@@ -1,10 +1,5 @@
-"""The caption decoders (Show, Attend and Tell with additive or dot-product attention, Show and
-Tell, the repeat-BiLSTM baseline) and the registry of every decoder, DECODERS (with clipcap.py's
-ClipCap): the one place that imports every decoder module.
-
-The interface they implement (Decoder: prepare, init_state, step, select, forward) is described
-in decoder_base.py; its names are importable from here too.
-"""
+"""The LSTM caption decoders: Show, Attend and Tell with additive or dot-product attention, Show and
+Tell, the repeat-BiLSTM baseline (behind the interface of captioning/decoders/interface.py)."""
 import dataclasses
 import math
 
@@ -13,9 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import clipcap
-import transformer_decoder
-from decoder_base import Decoder, DecoderOutput, sort_captions, words_of  # noqa: F401 - words_of, for callers
+from captioning.decoders.interface import Decoder, DecoderOutput, sort_captions
 
 
 def _flat(features):
@@ -337,61 +330,3 @@ class RepeatBiLSTM(Decoder):
         scores = self.position_scores(features).index_select(0, rows)[:, :T]  # [N, T, V]; see ShowAttendTell
         scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data   # [M, V]
         return DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
-
-
-# ----------------------------------------------------------------------------------------------
-# Registry
-
-DECODERS = {
-    'sat': ShowAttendTell,                 # Show, Attend and Tell, additive attention (the default)
-    'dot_attention': DotAttentionDecoder,  # seed 001: scaled dot-product attention
-    'show_tell': ShowTell,                 # seed 002: no attention, image as the first LSTM input
-    'repeat_bilstm': RepeatBiLSTM,         # seed 004: non-autoregressive baseline
-    'transformer': transformer_decoder.TransformerDecoder,  # pre-norm Transformer over the grid (2019-)
-    'clipcap': clipcap.ClipCap,            # seed 003: an image prefix for GPT-2 (clipcap.py; transformers
-}                                          # is imported only when one is built)
-
-
-def decoder_fields(name):
-    return [f.name for f in dataclasses.fields(decoder_class(name).Config)]
-
-
-def decoder_class(name):
-    if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
-    return DECODERS[name]
-
-
-def build_decoder(name, vocab_size, encoder_dim, **overrides):
-    """A new decoder: its Config's defaults, with the overrides that are not None (flags left unset
-    are None). An override the decoder does not have is an error, not silently ignored."""
-    cls = decoder_class(name)
-    fields = decoder_fields(name)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise ValueError(f"decoder {name} has no setting {', '.join(unknown)} (its settings: "
-                         f"{', '.join(f for f in fields if f not in ('vocab_size', 'encoder_dim'))})")
-    return cls(cls.Config(vocab_size=vocab_size, encoder_dim=encoder_dim, **given))
-
-
-def decoder_from_args(name, args):
-    """The decoder a checkpoint describes (config['decoder'], config['decoder_args'])."""
-    cls = decoder_class(name)
-    return cls(cls.Config(**args))
-
-
-def caption_loss(out, label_smoothing=0.0, num_tokens=None, num_captions=None):
-    """Cross-entropy over the packed targets plus the decoder's own per-caption penalty (the doubly
-    stochastic attention term of Show, Attend and Tell: alpha_c * mean over pixels of
-    (1 - sum_t alpha)^2, averaged over captions).
-
-    `num_tokens` / `num_captions` normalise the sums (default: this batch's counts); distributed
-    training passes the global counts divided by the world size, so that averaging gradients over
-    processes gives exactly the gradient of the global batch."""
-    num_tokens = out.targets.numel() if num_tokens is None else num_tokens
-    num_captions = out.sort_ind.numel() if num_captions is None else num_captions
-    loss = F.cross_entropy(out.scores, out.targets, reduction='sum', label_smoothing=label_smoothing) / num_tokens
-    if out.penalty is not None:
-        loss = loss + out.penalty.sum() / num_captions
-    return loss

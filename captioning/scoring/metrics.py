@@ -1,11 +1,11 @@
 """Caption metrics behind one interface, pycocoevalcap's: `scorer.compute_score(gts, res)` with
 gts = {image id: [reference sentences]} and res = {image id: [one generated sentence]}.
 
-BLEU-1..4 with nltk always work (captions tokenised with utils.tokenize). With the optional
+BLEU-1..4 with nltk always work (captions tokenised with text.tokenize). With the optional
 pycocoevalcap package (and Java) `score_captions` also gives the COCO caption toolkit's BLEU-1..4,
 METEOR, ROUGE-L and CIDEr through its PTB tokenizer: the numbers papers report. Values are fractions.
 
-Chinese (tokenizer jieba or chars, text.py): references and candidates are segmented with that
+Chinese (tokenizer jieba or chars, captioning/text.py): references and candidates are segmented with that
 tokenizer and the segments, joined by spaces, go straight to BLEU, ROUGE-L and CIDEr. The PTB
 tokenizer is bypassed: it does not segment Chinese (an unsegmented sentence stays one "word") and
 keeps full-width punctuation. METEOR is left out: its paraphrase tables and stemmer are English-only.
@@ -30,7 +30,7 @@ import warnings
 
 from nltk.translate.bleu_score import corpus_bleu, modified_precision
 
-from utils import tokenize
+from captioning.text import tokenize
 
 COCO_KEYS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
 DIVERSITY_KEYS = ('repeated_trigrams', 'distinct_words', 'unique_captions', 'mean_length')
@@ -39,7 +39,7 @@ BLEU_WEIGHTS = [(1.0,), (0.5, 0.5), (1 / 3,) * 3, (0.25,) * 4]
 
 
 class NltkBleu:
-    """Corpus BLEU-1..4 (nltk) on the tokens of `tokenizer` (text.py), every reference of an image used."""
+    """Corpus BLEU-1..4 (nltk) on the tokens of `tokenizer` (captioning/text.py), every reference of an image used."""
 
     def __init__(self, tokenizer='words'):
         self.tokenizer = tokenizer
@@ -149,7 +149,7 @@ def score_captions(gts, res, coco='auto', tokenizer='words'):
     Returns (metrics, note): metrics has 'nltk_Bleu_1'..'nltk_Bleu_4' always and, from the COCO
     toolkit when used, 'Bleu_1'..'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'; without it 'Bleu_1'..'Bleu_4'
     repeat nltk's. `note` says which toolkit gave what.
-    tokenizer: the checkpoint's (text.py); jieba/chars score on those segments without PTB and METEOR.
+    tokenizer: the checkpoint's (captioning/text.py); jieba/chars score on those segments without PTB and METEOR.
     """
     bleu, _ = NltkBleu(tokenizer).compute_score(gts, res)
     metrics = {f'nltk_Bleu_{n}': float(b) for n, b in enumerate(bleu, 1)}
@@ -196,7 +196,7 @@ def mean_length(token_lists):
 
 def diversity_scores(captions, tokenizer='words'):
     """Repetition and diversity of generated captions (sentences, one per image) on the tokens of
-    `tokenizer` (text.py): {'repeated_trigrams': share of captions repeating a word trigram,
+    `tokenizer` (captioning/text.py): {'repeated_trigrams': share of captions repeating a word trigram,
     'distinct_words': words used, 'unique_captions': distinct captions / images, 'mean_length': words}."""
     tokens = [tokenize(c, tokenizer) for c in captions]
     return {'repeated_trigrams': repeated_ngram_rate(tokens, 3), 'distinct_words': distinct_words(tokens),

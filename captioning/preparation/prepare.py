@@ -8,7 +8,7 @@ Prepared files (in one folder, base = '{dataset}_{cpi}_cap_per_img_{min_word_fre
     {SPLIT}_paths_{base}.pkl         [N] image paths; image i owns caption rows [i * cpi, (i + 1) * cpi)
     {SPLIT}_REFS_{base}.json         [N] lists of every raw reference sentence (for scoring)
     {SPLIT}_IMAGES_{base}.hdf5       optional: 'images' uint8 [N, 3, S, S]
-    TOKENIZER_{base}.json            {"tokenizer": "words" | "jieba" | "chars"} (text.py; absent = words)
+    TOKENIZER_{base}.json            {"tokenizer": "words" | "jieba" | "chars"} (captioning/text.py; absent = words)
 with SPLIT in TRAIN, VAL, TEST.
 The readers of these files (CaptionDataset, read_paths_pickle, read_word_map) are in datasets.py.
 """
@@ -24,9 +24,9 @@ import tempfile
 from PIL import Image
 from tqdm import tqdm
 
-import text
-from datasets import SPLITS, resized_uint8
-from utils import SPECIAL_TOKENS, atomic_path, data_base_name, remove_stale_temp, write_json
+from captioning import text
+from datasets import resized_uint8
+from utils import SPECIAL_TOKENS, SPLITS, atomic_path, data_base_name, remove_stale_temp, write_json
 
 
 def _check_one(path):

@@ -56,8 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caption import sample_captions, words_of
-from cider import CiderD
+from captioning.decoders.interface import words_of
+from captioning.decoding.search import sample_captions
+from captioning.scoring.cider import CiderD
 
 BASELINES = ('mean', 'greedy')
 END_WORD = '<end>'   # the end token as a word of the end-aware reward's n-grams

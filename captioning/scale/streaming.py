@@ -178,7 +178,7 @@ class Run:
     def open(self, paths, batch_size):
         """Check the settings, read what is done, and return this rank's share of what is not: whole
         batches of the remaining images in list order (identical on every rank)."""
-        import sharding
+        from captioning.scale import sharding
         if not self.overwrite:
             check_settings(self.out, self.settings)          # every rank reads the same files: same verdict
         sharding.barrier()                                   # all have read before rank 0 changes anything
@@ -204,7 +204,7 @@ class Run:
         """Wait for every rank; then rank 0 merges the logs (what every rank wrote, also after a
         failure) and writes captions.json/.csv. -> (the number of captions on rank 0, None elsewhere;
         whether any rank failed). With no caption, no captions.json/.csv is written."""
-        import sharding
+        from captioning.scale import sharding
         self.log.close()
         failed = sharding.any_rank(failed)
         if self.rank != 0:

@@ -1,6 +1,6 @@
 """Captioning models as ONNX files for deployment: export a checkpoint's encoder and one decoder step
 (tools/export_onnx.py), and caption with them through onnxruntime behind the same Decoder interface as
-the PyTorch decoders, so the one beam search (caption.beam_search) runs over either.
+the PyTorch decoders, so the one beam search (search.beam_search) runs over either.
 
 An export folder holds
     encoder.onnx          images [B, 3, S, S] (normalised as transform says) -> features [B, g, g, C]
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import decoders
 import utils
+from captioning.decoders import interface, registry
 
 META_FILE = 'captioner.json'
 META_FORMAT = 1
@@ -210,13 +210,13 @@ class OnnxEncoder:
         return self
 
 
-class OnnxDecoder(decoders.Decoder):
-    """decoder_prepare.onnx and decoder_step.onnx behind the Decoder interface (decoders.py). What is
+class OnnxDecoder(interface.Decoder):
+    """decoder_prepare.onnx and decoder_step.onnx behind the Decoder interface (decoders/interface.py). What is
     not a network (init_state, select_memory, step_limit: repeats and indexing) is the PyTorch
     decoder class's own code, run on this object."""
 
     def __init__(self, folder, meta, threads=None):
-        cls = decoders.decoder_class(meta['decoder'])
+        cls = registry.decoder_class(meta['decoder'])
         super().__init__(cls.Config(**meta['decoder_args']))
         self.reference, self.meta, self.has_attention = cls, meta, cls.has_attention
         self.prepare_session = _session(os.path.join(folder, 'decoder_prepare.onnx'), threads)
@@ -259,8 +259,8 @@ def read_meta(folder):
 
 
 def load_onnx_captioner(folder, threads=None):
-    """-> (encoder, decoder, word_map, config) from an export folder, as caption.load_captioner gives
-    from a checkpoint: caption.beam_search and caption.caption_paths take them as they are.
+    """-> (encoder, decoder, word_map, config) from an export folder, as loading.load_captioner gives
+    from a checkpoint: search.beam_search and files.caption_paths take them as they are.
     `threads`: onnxruntime's intra-op threads (None: its default, one per core)."""
     problem = missing('onnxruntime')
     if problem:
@@ -276,10 +276,10 @@ def caption_files(captioner, paths, beam_size=3, **beam_kw):
     """Caption image files one by one with (encoder, decoder, word_map, config) from load_captioner or
     load_onnx_captioner, with the inference defaults of 02_inference.py unless beam_kw says otherwise.
     -> one word list per path (None for a file that could not be read)."""
-    import caption
+    from captioning.decoding import files, search
     encoder, decoder, word_map, _ = captioner
-    beam_kw = {'length_norm': caption.DEFAULT_LENGTH_NORM, 'no_repeat_ngram_size': caption.DEFAULT_NO_REPEAT_NGRAM,
+    beam_kw = {'length_norm': search.DEFAULT_LENGTH_NORM, 'no_repeat_ngram_size': search.DEFAULT_NO_REPEAT_NGRAM,
                **beam_kw}
-    results, _ = caption.caption_paths(encoder, decoder, word_map, paths, beam_sizes=(beam_size,), batch_size=1,
+    results, _ = files.caption_paths(encoder, decoder, word_map, paths, beam_sizes=(beam_size,), batch_size=1,
                                        progress=False, **beam_kw)
     return [r[beam_size]['words'] if r else None for r in results]

@@ -33,8 +33,8 @@ import warnings
 import torch
 
 import utils
-from utils import _CONTROL_RE, atomic_path, format_size   # _CONTROL_RE: terminal codes, also dropped by describe_error
 from models import ENCODERS, build_models, named_weights
+from utils import atomic_path, format_size
 
 FORMAT = 2
 
@@ -174,7 +174,7 @@ def _checkpoint_problem(path, error):
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
         head = f.read(4)
-    message = _CONTROL_RE.sub(' ', str(error))
+    message = utils.without_control(error)
     if size == 0:
         return 'empty file (0 bytes): not a checkpoint; was its writing interrupted?'
     refused = re.search(r'GLOBAL ([\w.]+)', message)

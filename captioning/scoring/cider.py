@@ -20,7 +20,7 @@ One quirk is kept on purpose, so the numbers agree: the toolkit's "length" count
 
 Training uses a CiderD of the TRAIN references as the self-critical reward (df from TRAIN, as
 self-critical.pytorch); validation uses one of the scored VAL images' references for model
-selection (df from them, as the toolkit). Tokens come from the data's tokenizer (text.py), not the
+selection (df from them, as the toolkit). Tokens come from the data's tokenizer (captioning/text.py), not the
 toolkit's PTB tokenizer, so 03_evaluate.py's CIDEr (PTB-tokenised) can differ slightly.
 """
 import collections

@@ -82,6 +82,19 @@ def gather(obj):
 # ----------------------------------------------------------------------------------------------
 # The feature cache, encoded by every rank
 
+def feature_caches(encoder, folder, name, transform, device, rank=0, world=1, workers=0, log=print):
+    """{'TRAIN': FeatureCache, 'VAL': FeatureCache} of prepared data (01_train.py): each found, or
+    built by ensure_feature_cache (every process its share)."""
+    import datasets
+    caches = {}
+    for split in ('TRAIN', 'VAL'):
+        ds = datasets.CaptionDataset(folder, name, split, transform, per_image=True)
+        path = datasets.feature_cache_path(ds, encoder)
+        caches[split] = ensure_feature_cache(encoder, ds, path, device, rank, world, batch_size=32, workers=workers,
+                                             log=log)
+    return caches
+
+
 def ensure_feature_cache(encoder, dataset, path, device, rank=0, world=1, batch_size=32, workers=0, log=print):
     """The FeatureCache of `dataset` at `path`, built first when missing: by one process as
     datasets.build_feature_cache does, or under torchrun by every rank at once, each encoding its
@@ -103,8 +116,9 @@ def ensure_feature_cache(encoder, dataset, path, device, rank=0, world=1, batch_
 
 @torch.inference_mode()
 def _build_shared(encoder, dataset, path, device, rank, world, batch_size, workers):
-    import datasets
     from torch.utils.data import DataLoader, Subset
+
+    import datasets
     folder = os.path.dirname(os.path.abspath(path))
     encoder.eval()
     tmp, error = None, None
@@ -155,14 +169,13 @@ def _build_shared(encoder, dataset, path, device, rank, world, batch_size, worke
 def _allocate_cache(encoder, dataset, path, folder, device):
     """Rank 0: write the .npy header and give the file its blocks; -> the temporary path (renamed
     to `path` once every rank has written its rows). The feature shape comes from the first image."""
-    import datasets
     shape = (dataset.num_images, *encoder.features(dataset.image(0).unsqueeze(0).to(device)).shape[1:])
     utils.check_free_space(folder, int(np.prod(shape)) * 2 + 4096, f'the {dataset.split} feature cache')
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.shards.tmp')
     try:
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
         del out
-        datasets._allocate(tmp)
+        utils.allocate_blocks(tmp)
     except OSError as e:   # numpy's own errors name no file
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -172,15 +185,15 @@ def _allocate_cache(encoder, dataset, path, folder, device):
 
 def caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device, rank=0, world=1,
                   **beam_kw):
-    """caption.caption_paths shared out over torchrun ranks, each captioning its share (whole batches).
+    """files.caption_paths shared out over torchrun ranks, each captioning its share (whole batches).
     -> on rank 0 (results, failures) of every image in the order of `paths`, results holding each
     beam size's 'words' (all one process needs to score them); (None, None) on the other ranks."""
-    import caption
+    from captioning.decoding import files
     if world == 1:
-        return caption.caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device,
+        return files.caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device,
                                      **beam_kw)
     start, stop = batch_share(len(paths), rank, world, batch_size)
-    results, failures = caption.caption_paths(encoder, decoder, word_map, paths[start:stop], beam_sizes, batch_size,
+    results, failures = files.caption_paths(encoder, decoder, word_map, paths[start:stop], beam_sizes, batch_size,
                                               workers, device, progress=rank == 0, **beam_kw)
     words = [None if r is None else {k: {'words': hyp['words']} for k, hyp in r.items()} for r in results]
     shares = gather((words, failures))

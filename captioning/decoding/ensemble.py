@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoint
-import text
-from decoders import Decoder
+from captioning import text
+from captioning.decoders.interface import Decoder
 
 
 class EnsembleEncoder(nn.Module):
@@ -59,7 +58,7 @@ class EnsembleEncoder(nn.Module):
 
 
 class EnsembleDecoder(Decoder):
-    """Decoders behind the Decoder interface (decoders.py) as one: step() gives
+    """Decoders behind the Decoder interface (decoders/interface.py) as one: step() gives
     log(sum_i w_i p_i), the weighted mean of the members' word distributions (equal weights by default)."""
 
     def __init__(self, members, feature_shapes, weights=None):
@@ -121,32 +120,39 @@ class EnsembleDecoder(Decoder):
         raise RuntimeError('an ensemble only decodes (beam search, sampling): train its members one at a time')
 
 
-def load_ensemble(paths, device='cpu', mirror=False):
-    """Checkpoint files -> (EnsembleEncoder, EnsembleDecoder, word map, the first member's config with
-    'ensemble': the paths and 'mirror'), in eval mode on `device`. With `mirror` each member also
-    decodes the mirror image (module docstring), and one checkpoint is enough. ValueError names the
-    member that does not fit."""
-    if len(paths) < 2 and not mirror:
-        raise ValueError('an ensemble needs at least two checkpoints')
-    encoders, decoders, first = [], [], None
-    for path in paths:
-        ckpt = checkpoint.load(path)
-        tokenizer = text.checkpoint_tokenizer(ckpt['config'])
-        if first is None:
-            first = (path, ckpt['word_map'], tokenizer, {**ckpt['config'], 'endings': checkpoint.endings(ckpt, path)})
-        elif ckpt['word_map'] != first[1]:
-            raise ValueError(f'{path}: its word map differs from that of {first[0]}: the checkpoints of an '
+def member_check(first_path, word_map, config):
+    """-> check(path, word_map, config): ValueError naming `path` when a checkpoint cannot join the
+    ensemble whose first member (`first_path`) has this word map and config: the members must share
+    the word map and the tokenizer (loading.load_model calls it before building the models)."""
+    tokenizer = text.checkpoint_tokenizer(config)
+
+    def check(path, member_word_map, member_config):
+        if member_word_map != word_map:
+            raise ValueError(f'{path}: its word map differs from that of {first_path}: the checkpoints of an '
                              'ensemble must share one word map (train them on the same prepared data)')
-        elif tokenizer != first[2]:
-            raise ValueError(f'{path}: tokenizer {tokenizer!r}, but {first[0]} uses {first[2]!r}: the checkpoints '
-                             'of an ensemble must share one')
-        encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
-        vocab = (decoder.vocab_size, decoder.special_tokens(first[1]))
-        if decoders and vocab != (decoders[0].vocab_size, decoders[0].special_tokens(first[1])):
-            raise ValueError(f'{path}: its decoder scores another vocabulary than {first[0]} (e.g. GPT-2 tokens)')
-        encoders.append(encoder)
-        decoders.append(decoder)
-    encoder = EnsembleEncoder(encoders, mirror).to(device).eval()
-    decoders = [d for d in decoders for _ in range(1 + bool(mirror))]     # the same module twice: shared weights
+        if text.checkpoint_tokenizer(member_config) != tokenizer:
+            raise ValueError(f'{path}: tokenizer {text.checkpoint_tokenizer(member_config)!r}, but {first_path} '
+                             f'uses {tokenizer!r}: the checkpoints of an ensemble must share one')
+    return check
+
+
+def assemble(members, device='cpu', mirror=False):
+    """Loaded models -> (EnsembleEncoder, EnsembleDecoder, word map, the first member's config with
+    'ensemble': the paths and 'mirror'), in eval mode on `device`. `members`: one (path, encoder,
+    decoder, word_map, config) per checkpoint, as loading.load_model gives them. With `mirror` each
+    member also decodes the mirror image (module docstring), and one checkpoint is enough. ValueError
+    names the member that does not fit."""
+    if len(members) < 2 and not mirror:
+        raise ValueError('an ensemble needs at least two checkpoints')
+    first_path, _, first_decoder, word_map, first_config = members[0]
+    check = member_check(first_path, word_map, first_config)
+    vocab = (first_decoder.vocab_size, first_decoder.special_tokens(word_map))
+    for path, _, decoder, member_word_map, config in members[1:]:
+        check(path, member_word_map, config)
+        if (decoder.vocab_size, decoder.special_tokens(word_map)) != vocab:
+            raise ValueError(f'{path}: its decoder scores another vocabulary than {first_path} (e.g. GPT-2 tokens)')
+    encoder = EnsembleEncoder([m[1] for m in members], mirror).to(device).eval()
+    decoders = [m[2] for m in members for _ in range(1 + bool(mirror))]    # the same module twice: shared weights
     decoder = EnsembleDecoder(decoders, encoder.feature_shapes()).to(device).eval()
-    return encoder, decoder, first[1], {**first[3], 'ensemble': [str(p) for p in paths], 'mirror': bool(mirror)}
+    return encoder, decoder, word_map, {**first_config, 'ensemble': [str(m[0]) for m in members],
+                                        'mirror': bool(mirror)}

@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-import checkpoint
 import utils
+from captioning import checkpoint
 
 
 def check_run_folder(config):

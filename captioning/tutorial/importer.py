@@ -7,7 +7,7 @@ The tutorial's train.py saved whole modules with torch.save: {'epoch', 'epochs_s
 torch file formats; the tutorial's classes, torch.nn modules and optimizers become inert holders of
 their weights; any other class or function is refused with one line naming it).
 
-The holders' weights become a format-2 checkpoint (checkpoint.py): the encoder as this suite's
+The holders' weights become a format-2 checkpoint (captioning/checkpoint.py): the encoder as this suite's
 torchvision ResNet (resnet101 for the tutorial's own; the depth is read from the blocks) at the
 tutorial's 256 x 256 input with ImageNet normalisation and its 14 x 14 pooled grid; the decoder as
 `sat`, whose parameter names are the tutorial's; the word map inside; epoch and the tutorial's
@@ -17,10 +17,10 @@ import os
 
 import torch
 
-import checkpoint
-import pickled_modules
 import utils
-from pickled_modules import Holder
+from captioning import checkpoint
+from captioning.tutorial import pickled_modules
+from captioning.tutorial.pickled_modules import Holder
 
 TUTORIAL = 'a-PyTorch-Tutorial-to-Image-Captioning'
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
@@ -108,7 +108,7 @@ def _shape_check(state, expected, where, what):
 
 def convert_decoder(holder, where):
     """The tutorial's DecoderWithAttention Holder -> (sat decoder_args, state_dict): the names are the same."""
-    from decoders import build_decoder
+    from captioning.decoders.registry import build_decoder
     state = holder_state(holder, where)
     for key in ('embedding.weight', 'attention.encoder_att.weight', 'decode_step.weight_hh'):
         if key not in state or state[key].dim() != 2:

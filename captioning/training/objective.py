@@ -1,5 +1,5 @@
 """The training objective of 01_train.py's Trainer: cross-entropy (teacher forcing) or self-critical
-(scst.py), and the encoder call both share.
+(captioning/training/scst.py), and the encoder call both share.
 
 Trainer inherits these methods; they use its attributes (config, device, world, rank, cpi, state,
 encoder, train_model, objective, amp_dtype, use_cache, fine_tuning, train_set, log, and for
@@ -10,10 +10,12 @@ import time
 import numpy as np
 import torch
 
-import text
 import utils
-from decoders import caption_loss
-from scst import reward_corpus
+from captioning import text
+from captioning.decoders.interface import caption_loss
+from captioning.training.scst import reward_corpus
+
+SCST_SUMS = ('reward', 'baseline', 'words', 'samples')   # what scst_loss sums over a batch, in this order
 
 
 class Objective:
@@ -21,7 +23,7 @@ class Objective:
     train_step, the optimisation step on either."""
 
     def _train_reward(self):
-        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (text.py), each
+        """CIDEr-D against the TRAIN references (df from them), tokenised like the data (captioning/text.py), each
         ending with the word <end> when the reward is end-aware (scst.reward_corpus)."""
         start, tokenizer = time.time(), self.config['tokenizer']
         refs = [[text.tokenize(r, tokenizer) for r in image_refs] for image_refs in self.train_set.refs()]
@@ -85,6 +87,18 @@ class Objective:
         run draws the same numbers (its state is the checkpoint's step: nothing more to save)."""
         entropy = [self.config['seed'] % 2 ** 63, self.state['step']]
         return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+    def step_figures(self, loss, stop_requested, at_limit, sums):
+        """One all-reduce per step -> {name: value} of the global batch: its loss (the mean of the
+        processes' parts), the stop flags (so that every process stops at the same step: 'interrupt',
+        'at_limit') and, for self-critical training, the SCST_SUMS."""
+        names = ('loss', 'interrupt', 'at_limit')
+        shared = torch.tensor([loss.item() / self.world, float(stop_requested), float(at_limit)],
+                              dtype=torch.float64, device=self.device)
+        if sums is not None:
+            names += SCST_SUMS
+            shared = torch.cat([shared, sums.to(self.device, torch.float64)])
+        return dict(zip(names, utils.all_reduce_sum(shared).tolist()))
 
     def train_step(self, idx, x, caps, caplens):
         """One optimisation step on a batch of images (idx [b] their indices; see xe_loss).

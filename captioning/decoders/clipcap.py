@@ -1,5 +1,5 @@
 """ClipCap (Mokady et al., 2021): an image embedding -> a mapping network -> `prefix_length` prefix
-embeddings that a GPT-2 continues into a caption, behind the decoder interface of decoder_base.py.
+embeddings that a GPT-2 continues into a caption, behind the decoder interface of captioning/decoders/interface.py.
 
     mapping 'mlp'          Linear(C, kE/2) - tanh - Linear(kE/2, kE), the paper's MLP (GPT-2 fine-tuned)
     mapping 'transformer'  Linear(C, cE) -> c positions, then k learned constant positions; a pre-norm
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import decoder_base
-import text
+from captioning import text
+from captioning.decoders import interface
 
 EXTRAS_HINT = 'pip install -r requirements-extras.txt'
 SCRATCH = 'scratch'
@@ -182,7 +182,7 @@ def weights_digest(module):
     return torch.tensor(list(h.digest()), dtype=torch.uint8)
 
 
-class ClipCap(decoder_base.Decoder):
+class ClipCap(interface.Decoder):
     """See the module docstring. `gpt` is a transformers GPT2LMHeadModel (its parameter names, so the
     original ClipCap's state_dicts map onto it: convert_clipcap_state below)."""
     Config = ClipCapConfig
@@ -359,14 +359,14 @@ class ClipCap(decoder_base.Decoder):
         """Teacher forcing: the prefix once per image, the LM once over [prefix, <start>, tokens]
         per caption, the output layer once over the packed positions."""
         captions, lengths = self.lm_captions(captions, lengths)
-        captions, decode_lengths, rows, sort_ind, targets = decoder_base.sort_captions(captions, lengths, image_index)
+        captions, decode_lengths, rows, sort_ind, targets = interface.sort_captions(captions, lengths, image_index)
         k, T = self.cfg.prefix_length, decode_lengths[0]
         self._check_positions(k + T)
         prefix = self.prefix(features).index_select(0, rows)                  # [N, k, E]; see ShowAttendTell
         x = torch.cat([prefix, self.gpt.transformer.wte(captions[:, :T])], dim=1)   # [N, k + T, E]
         hidden = self.gpt.transformer(inputs_embeds=x, use_cache=False).last_hidden_state[:, k:]   # [N, T, E]
         scores = self.fc(pack_padded_sequence(hidden, decode_lengths, batch_first=True).data)     # [M, V]
-        return decoder_base.DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
+        return interface.DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
 
 
 def _cache_tensors(cache):

@@ -3,7 +3,7 @@ Flickr8k(-CN) token files, AI Challenger and official COCO caption JSON) read in
 
 `read_karpathy` reads a Karpathy split file (--karpathy-json); `read_caption_table` reads your own
 captions (--captions-file): caption_format recognises which of CAPTION_FORMATS a file is, and
-that format's own function reads its rows. prepare.py turns the records into the prepared files.
+that format's own function reads its rows. captioning/preparation/prepare.py turns the records into the prepared files.
 """
 import codecs
 import collections
@@ -14,9 +14,8 @@ import json
 import os
 import random
 
-import text
+from captioning import text
 
-SPLITS = ('TRAIN', 'VAL', 'TEST')
 SPLIT_NAMES = {'train': 'TRAIN', 'restval': 'TRAIN', 'val': 'VAL', 'test': 'TEST'}
 
 
@@ -28,14 +27,13 @@ class ImageRecord:
     split: str             # TRAIN, VAL or TEST
     tokens: list           # one token list per caption
     raws: list             # the raw sentences, same order
-    tokenizer: str = 'words'     # how tokens were made (text.py)
+    tokenizer: str = 'words'     # how tokens were made (captioning/text.py)
     merged_duplicates: int = 0   # repeated captions of this image merged by the reader
-
 
 
 # ----------------------------------------------------------------------------------------------
 # Readers: each returns a list of ImageRecord, or raises ValueError naming the file and the place.
-# Captions are tokenised with one tokenizer (text.py); 'auto' picks jieba for mostly-CJK captions.
+# Captions are tokenised with one tokenizer (captioning/text.py); 'auto' picks jieba for mostly-CJK captions.
 # Image names must stay inside the image folder unless allow_outside is set.
 
 def _inside(image_folder, rel, source, where, allow_outside):

@@ -1,4 +1,4 @@
-"""A Transformer caption decoder (`--decoder transformer`) behind the decoder interface of decoder_base.py.
+"""A Transformer caption decoder (`--decoder transformer`) behind the decoder interface (interface.py).
 
 The field's standard decoder since 2019 (e.g. Cornia et al.'s M2 and Huang et al.'s AoA use its
 layout), in none of the seed systems:
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import decoder_base
+from captioning.decoders import interface
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ class DecoderLayer(nn.Module):
         return x, k, v, weights
 
 
-class TransformerDecoder(decoder_base.Decoder):
+class TransformerDecoder(interface.Decoder):
     """See the module docstring."""
     Config = TransformerConfig
     has_attention = True
@@ -190,13 +190,13 @@ class TransformerDecoder(decoder_base.Decoder):
     def forward(self, features, captions, lengths, image_index=None):
         """Teacher forcing: every position of every caption in one pass (the causal mask keeps each
         word from seeing the words after it); the grid's keys and values once per image."""
-        captions, decode_lengths, rows, sort_ind, targets = decoder_base.sort_captions(captions, lengths, image_index)
+        captions, decode_lengths, rows, sort_ind, targets = interface.sort_captions(captions, lengths, image_index)
         T = decode_lengths[0]
         memory = tuple(m.index_select(0, rows) for m in self.prepare(features))   # [N, H, P, Dh]; see ShowAttendTell
         N = captions.size(0)
         empty = memory[0].new_zeros(N, self.heads, 0, self.head_dim)
         hidden, _, _ = self.run_layers(self.embed(captions[:, :T], 0), (empty,) * (2 * len(self.layers)), memory)
         scores = self.fc(pack_padded_sequence(hidden, decode_lengths, batch_first=True).data)   # [M, V]
-        return decoder_base.DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
+        return interface.DecoderOutput(scores, targets, decode_lengths, None, sort_ind)
 
 

@@ -2,7 +2,7 @@
 helpers the decoders share.
 
 Every decoder gives word log-probabilities through the same methods, so one beam search
-(caption.beam_search), one training loop (01_train.py), one checkpoint format (checkpoint.py) and
+(caption.beam_search), one training loop (01_train.py), one checkpoint format (captioning/checkpoint.py) and
 one evaluation serve them all:
 
     memory = decoder.prepare(features, k)         # features [B, P, C] -> per-image tensors, once per image
@@ -17,15 +17,15 @@ Memory stays indexed by image and state by row, so the beams of an image share i
 Each decoder has a `Config` dataclass (its hyper-parameters; stored in checkpoints as
 config['decoder_args']) and a name in decoders.DECODERS (the registry, which imports every decoder
 module). Adding a decoder is a class and a registry line: nothing else changes. The tokens step()
-scores are the word map's ids, except for ClipCap with a pretrained GPT-2 (clipcap.py), whose
+scores are the word map's ids, except for ClipCap with a pretrained GPT-2 (captioning/decoders/clipcap.py), whose
 special_tokens / words / use_word_map say how its BPE vocabulary relates to the word map.
 """
 import collections
 import dataclasses
 
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
-
 
 DecoderOutput = collections.namedtuple('DecoderOutput', 'scores targets decode_lengths penalty sort_ind')
 DecoderOutput.__doc__ = """Teacher-forced output: scores [M, V] and targets [M] packed time-major over the
@@ -102,3 +102,19 @@ def sort_captions(captions, lengths, image_index):
     decode_lengths = (lengths - 1).tolist()
     targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
     return captions, decode_lengths, rows, sort_ind, targets
+
+
+def caption_loss(out, label_smoothing=0.0, num_tokens=None, num_captions=None):
+    """Cross-entropy over the packed targets plus the decoder's own per-caption penalty (the doubly
+    stochastic attention term of Show, Attend and Tell: alpha_c * mean over pixels of
+    (1 - sum_t alpha)^2, averaged over captions).
+
+    `num_tokens` / `num_captions` normalise the sums (default: this batch's counts); distributed
+    training passes the global counts divided by the world size, so that averaging gradients over
+    processes gives exactly the gradient of the global batch."""
+    num_tokens = out.targets.numel() if num_tokens is None else num_tokens
+    num_captions = out.sort_ind.numel() if num_captions is None else num_captions
+    loss = F.cross_entropy(out.scores, out.targets, reduction='sum', label_smoothing=label_smoothing) / num_tokens
+    if out.penalty is not None:
+        loss = loss + out.penalty.sum() / num_captions
+    return loss

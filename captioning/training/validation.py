@@ -9,14 +9,13 @@ import os
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import curves
-import text
 import utils
-from caption import beam_search
-from cider import CiderD
-from decoders import caption_loss
-from metrics import NltkBleu, bad_ending_rate, diversity_scores, ending_counts
+from captioning import checkpoint, text
+from captioning.decoders.interface import caption_loss
+from captioning.decoding.search import beam_search
+from captioning.scoring.cider import CiderD
+from captioning.scoring.metrics import NltkBleu, bad_ending_rate, diversity_scores, ending_counts
+from captioning.training import curves
 
 SELECT_KEYS = {'BLEU-4': 'bleu4', 'CIDEr': 'cider'}   # --select-by -> the VAL metric's key
 
@@ -107,12 +106,3 @@ class Validation:
         cider = float(CiderD(self.val_ref_tokens[:i]).scores(range(i), hyp_words).mean())
         return {'val_tf_loss': tf_loss.avg, 'val_tf_top5': tf_top5.avg, 'bleu4': bleu[3], 'val_bleu': bleu,
                 'cider': cider, **{f'val_{k}': v for k, v in diversity.items()}, 'samples': samples}
-
-
-def _broadcast(obj, world):
-    """Rank 0's object on every process."""
-    if world > 1:
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        obj = holder[0]
-    return obj

@@ -1,0 +1,1 @@
+"""Large collections: captions streamed to captions.jsonl, work shared over torchrun processes."""

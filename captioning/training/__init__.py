@@ -1,0 +1,1 @@
+"""Training (01_train.py): the objective, self-critical training, validation, the run folder, curves."""

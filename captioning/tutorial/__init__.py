@@ -1,0 +1,1 @@
+"""The tutorial's checkpoints: pickled modules read without running code, converted to this suite's format."""
