@@ -29,8 +29,9 @@ import time
 
 import utils
 from captioning import text
-from captioning.decoding import attention_figures, files, loading, options, quantize, search
-from captioning.scale import streaming
+from captioning.decoding import attention_figures, files, loading, options, quantize, search, tags
+from captioning.preparation import formats
+from captioning.scale import exports, streaming
 from datasets import list_images, load_image
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
@@ -50,6 +51,10 @@ BATCH_SIZE = 16                            # images per batch
 WORKERS = 0                                # DataLoader workers decoding images
 OUT = 'outputs/inference'                  # folder for captions.json/csv and attention figures
 VISUALIZE = False                          # save attention figures
+TAGS = True                                # record what the encoder recognises (its ImageNet tags) per photo
+SIDECAR = 'none'                           # txt: NAME.txt beside each NAME.jpg holding its caption(s)
+SIDECAR_DIR = ''                           # ... or the same tree under this folder (read-only collections)
+COCO_JSON = ''                             # caption the images of a COCO annotation file (in --img's folder)
 DEVICE = 'auto'                            # auto | cpu | cuda
 
 
@@ -61,6 +66,17 @@ def parse_args(argv=None):
     options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, min_len=MIN_LEN,
                                    max_len=MAX_LEN, allow_unk=ALLOW_UNK, bad_endings=BAD_ENDINGS, mirror=MIRROR,
                                    precision=PRECISION)
+    options.add_generation_arguments(p)
+    p.add_argument('--tags', action=argparse.BooleanOptionalAction, default=TAGS,
+                   help="record the encoder's ImageNet tags of each photo in captions.jsonl (default: %(default)s)")
+    p.add_argument('--sidecar', choices=('none', 'txt'), default=SIDECAR,
+                   help='txt: write NAME.txt beside each NAME.jpg with its caption (every caption, one a line, '
+                        'with --num-captions); an existing .txt is kept unless --overwrite (default: %(default)s)')
+    p.add_argument('--sidecar-dir', default=SIDECAR_DIR,
+                   help='write the sidecars in the same tree under this folder instead (default: beside the photos)')
+    p.add_argument('--coco-json', default=COCO_JSON,
+                   help='caption the images an official COCO caption file lists (found under --img, one folder) '
+                        f'and also write {exports.RESULTS_NAME} in --out: the COCO results format')
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='output folder (default: %(default)s)')
@@ -68,13 +84,15 @@ def parse_args(argv=None):
                    help='save attention figures (default: %(default)s)')
     p.add_argument('--device', default=DEVICE, help='auto, cpu or cuda (default: %(default)s)')
     p.add_argument('--overwrite', action='store_true',
-                   help='start over: remove the captions an earlier run left in --out instead of continuing it')
+                   help='start over: remove the captions an earlier run left in --out instead of continuing it '
+                        '(and replace existing sidecar .txt files)')
     return p.parse_args(argv)
 
 
 # Flags that change the captions: a run with other values refuses to add to an earlier run's captions.jsonl
 SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_len', 'allow_unk', 'precision',
-                 'bad_endings', 'mirror')
+                 'bad_endings', 'mirror', 'num_captions', 'sample', 'temperature', 'top_k', 'top_p', 'seed',
+                 'diversity_groups', 'diversity_strength', 'prefix', 'guide')
 
 
 def run_settings(args):
@@ -96,21 +114,29 @@ def check_args(args):
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be {why}")
     if args.min_len > args.max_len:
         raise ValueError(f'--min-len {args.min_len} is above --max-len {args.max_len}')
+    options.check_generation(args, args.beam_size)
+    if args.sidecar_dir and args.sidecar != 'txt':
+        raise ValueError('--sidecar-dir goes with --sidecar txt')
+    if args.coco_json and len(args.img) != 1:
+        raise ValueError('--coco-json takes one --img folder: the one its file names are in')
     utils.check_writable_folder(args.out, '--out')   # before minutes of captioning, not after
+    if args.sidecar_dir:
+        utils.check_writable_folder(args.sidecar_dir, '--sidecar-dir')
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        paths = list_images(args.img)
-        if not paths:
-            raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
+        paths, image_ids = image_list(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
         no_end_after, endings_note = loading.bad_endings_setting(args.bad_endings, decoder, word_map, config)
+        decode_kw = options.decode_settings(args, decoder, word_map, tokenizer)
+        guide = tags.guide_for(args.guide, args.sample, encoder, word_map,
+                               loading.checkpoint_paths(args.checkpoint)[0])
         run = streaming.Run(args.out, run_settings(args), rank, world, args.overwrite)
         todo = run.open(paths, args.batch_size)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
@@ -129,6 +155,9 @@ def main(argv=None):
         print(f"note: --visualize draws attention maps, and the {config['decoder']} decoder has no attention: "
               'no figures written')
     names = figure_names(paths) if draw else {}
+    rev = {v: k for k, v in word_map.items()}
+    sidecars = exports.Sidecars(exports.sidecar_root(paths), args.sidecar_dir, args.overwrite) \
+        if args.sidecar == 'txt' else None
     start = time.time()
     failures, captioned, figures, error = [], 0, 0, None
     progress = streaming.Progress(len(todo), 'captioning' if world == 1 else f'captioning (rank {rank} of {world})')
@@ -136,11 +165,11 @@ def main(argv=None):
         for indices, hyps, bad in files.caption_batches(
                 encoder, decoder, word_map, todo, (args.beam_size,), args.batch_size, args.workers, device,
                 max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-                min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after):
+                min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after, tag=args.tags,
+                guide=guide, guide_margin=tags.GUIDE_MARGIN, **decode_kw):
             failures += [(todo[i], err) for i, err in bad]
             hyps = hyps.get(args.beam_size, [])
-            records = [{'image': todo[i], 'caption': text.join_words(hyp['words'], tokenizer),
-                        'score': round(hyp['score'], 4), 'finished': hyp['finished']} for i, hyp in zip(indices, hyps)]
+            records = [caption_record(todo[i], hyp, args, decoder, rev, tokenizer, image_ids) for i, hyp in zip(indices, hyps)]
             try:   # figures first: a kill before the captions are appended redoes the batch, figures included
                 for i, hyp in zip(indices, hyps) if draw else ():
                     words = hyp['words'] + (['<end>'] if hyp['finished'] else [])
@@ -150,6 +179,8 @@ def main(argv=None):
             finally:   # a figure that does not fit (disk full) still leaves the batch's captions written
                 run.append(records)
                 captioned += len(records)
+                for r in records if sidecars else ():
+                    sidecars.write(r['image'], exports.sidecar_lines(r))
                 for record in records:
                     progress.write(f"{record['image']}: {record['caption']}")
                 for i, hyp in zip(indices, hyps):
@@ -183,9 +214,67 @@ def main(argv=None):
         print(f'error: none of the {len(paths)} image(s) could be decoded (see the warnings above); nothing written',
               file=sys.stderr)
         return 1
+    try:
+        written = finish_exports(args, sidecars, image_ids)
+    except OSError as e:
+        print(f'error: {utils.describe_error(e)}; the captions are in {args.out}', file=sys.stderr)
+        return 1
     print(f"{total} caption(s) in {os.path.abspath(args.out)} (captions.jsonl, captions.json, captions.csv"
-          f"{', *_attention.png' if draw else ''})")
+          f"{', *_attention.png' if draw else ''}{written})")
     return 0
+
+
+def image_list(args):
+    """-> (the image paths to caption, {path: COCO image id} with --coco-json, else None)."""
+    if args.coco_json:
+        folder = args.img[0]
+        ids = {os.path.join(folder, name): i for name, i in formats.coco_image_ids(args.coco_json).items()}
+        missing = [p for p in ids if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f'{len(missing)} image(s) of {args.coco_json} are not in {folder}, e.g. {missing[0]}')
+        return list(ids), ids
+    paths = list_images(args.img)
+    if not paths:
+        raise FileNotFoundError(f"no jpg/jpeg/png/bmp/webp images in {' '.join(args.img)}")
+    return paths, None
+
+
+def caption_record(image, hyp, args, decoder, rev, tokenizer, image_ids):
+    """One line of captions.jsonl: image, caption, score, finished; with --num-captions the captions
+    (each with its scores); the encoder's tags; the tag words that guided the caption."""
+    out = {'image': image, 'caption': text.join_words(hyp['words'], tokenizer), 'score': round(hyp['score'], 4),
+           'finished': hyp['finished']}
+    if image_ids is not None:
+        out['image_id'] = image_ids[image]
+    if args.num_captions > 1:
+        out['captions'] = [{'caption': text.join_words(c['words'], tokenizer), 'score': round(c['score'], 4),
+                            'norm_score': round(c['norm_score'], 4)}
+                           for c in files.alternatives(hyp, decoder, rev, args.num_captions)]
+    if hyp.get('tags'):
+        out['tags'] = [{'label': t['label'], 'p': t['p']} for t in hyp['tags']]
+    if hyp.get('guided'):
+        out['guided_by'] = [[rev[i] for i in c] for c in hyp['guided']]
+    if hyp.get('dropped_tags'):   # confident, but no word of the model names them: no guide
+        out['tags_without_words'] = hyp['dropped_tags']
+    return out
+
+
+def finish_exports(args, sidecars, image_ids):
+    """After the merge (rank 0): every caption's sidecar (those an interrupted run or another process
+    left unwritten too) and the COCO results. -> what to add to the final line."""
+    log, said = os.path.join(args.out, streaming.JSONL), ''
+    if sidecars is not None:
+        for _, _, r in streaming.read_records(log):
+            sidecars.write(r['image'], exports.sidecar_lines(r))
+        said += f'; {sidecars.written} sidecar .txt written'
+        if sidecars.kept:
+            said += f', {len(sidecars.kept)} existing kept (--overwrite replaces them)'
+    if image_ids is not None:
+        path = os.path.join(args.out, exports.RESULTS_NAME)
+        n = exports.write_results(path, ((r['image_id'], r['caption']) for _, _, r in streaming.read_records(log)
+                                         if 'image_id' in r))
+        said += f'; {n} COCO results in {exports.RESULTS_NAME}'
+    return said
 
 
 def figure_names(paths):

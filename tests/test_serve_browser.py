@@ -27,7 +27,7 @@ MISSING = [name for name, ok in (
 pytestmark = pytest.mark.skipif(bool(MISSING), reason='browser test needs: ' + '; '.join(MISSING))
 
 # the README's figure: the bundled photo the provided Flickr8k models caption best (a person with a camera;
-# the cat becomes "a man is playing with a toy", which the page's note says)
+# unguided, the cat becomes "a man is playing with a toy", which the page's note says)
 SAMPLE = os.path.join(REPO, 'assets', 'samples', 'camera_man_gray.jpg')
 
 
@@ -138,3 +138,36 @@ def test_an_oversized_photo_is_refused_before_upload(server, browser, tmp_path):
     assert browser.execute_script('return window.__posts') == 0
     browser.find_element(By.ID, 'file').send_keys(SAMPLE)                        # a photo within the limit still goes
     wait.until(lambda d: d.execute_script('return window.__posts') == 1)
+
+
+def test_several_captions_sampling_a_prefix_and_the_tags(server, browser):
+    """The page's new controls: three captions (the best beams), then three samples with a prefix; the
+    encoder's tags are shown ("Recognised: tripod ..."), and the cat photo's caption names the cat."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(server + '/')
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#samples .sample'))
+    Select(browser.find_element(By.ID, 'count')).select_by_value('3')
+    browser.find_element(By.ID, 'file').send_keys(SAMPLE)
+    wait.until(lambda d: d.find_element(By.ID, 'list-title').text == 'Captions')
+    items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, '#beams li')]
+    assert len(items) == 3 and len(set(items)) == 3, items
+    assert Select(browser.find_element(By.ID, 'beam')).first_selected_option.get_attribute('value') == '3'
+    assert 'Recognised: tripod' in browser.find_element(By.ID, 'tags').text
+
+    browser.find_element(By.ID, 'sample').click()
+    browser.find_element(By.ID, 'prefix').send_keys('a man')
+    browser.find_element(By.ID, 'file').send_keys(SAMPLE)
+    wait.until(lambda d: d.find_element(By.ID, 'list-title').text.startswith('Sampled captions (seed'))
+    items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, '#beams li')]
+    assert items and all(i.startswith('a man') for i in items), items
+    assert ' '.join(w.text for w in browser.find_elements(By.CSS_SELECTOR, '#caption .word')).startswith('a man')
+
+    browser.find_element(By.ID, 'sample').click()                                 # back to the beam search
+    browser.find_element(By.ID, 'prefix').clear()
+    browser.find_element(By.ID, 'file').send_keys(os.path.join(REPO, 'assets', 'samples', 'chelsea_cat.jpg'))
+    wait.until(lambda d: 'cat' in d.find_element(By.ID, 'tags').text)
+    caption = ' '.join(w.text for w in browser.find_elements(By.CSS_SELECTOR, '#caption .word'))
+    assert 'cat' in caption.split() and 'guided' in browser.find_element(By.ID, 'tags').text, caption

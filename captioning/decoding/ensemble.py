@@ -47,14 +47,23 @@ class EnsembleEncoder(nn.Module):
         return [(e.encoded_image_size ** 2, e.encoder_dim) for e in self.members for _ in range(1 + self.mirror)]
 
     def forward(self, images):
+        return self.encode(images)[0]
+
+    def encode(self, images, classify=False):
+        """-> (packed features [B, 1, sum P_i C_i], the mean of the members' ImageNet class
+        probabilities [B, 1000] over every view with a head when `classify`, else None)."""
         B = images.size(0)
         parts = torch.split(images.reshape(B, -1), self.input_sizes(), dim=1)
-        feats = []
+        feats, probs = [], []
         for e, x in zip(self.members, parts):
             x = x.view(B, 3, e.image_size, e.image_size)
-            views = [e(x)] + ([e(x.flip(-1))] if self.mirror else [])    # the image, its mirror: two passes of
-            feats += [f.reshape(B, -1) for f in views]                    # B (one of 2B was slower on the CPU)
-        return torch.cat(feats, dim=1).unsqueeze(1)                           # [B, 1, sum P_i C_i]
+            for view in [x] + ([x.flip(-1)] if self.mirror else []):     # the image, its mirror: two passes of
+                f, p = e.encode(view, classify)                           # B (one of 2B was slower on the CPU)
+                feats.append(f.reshape(B, -1))
+                if p is not None:
+                    probs.append(p)
+        packed = torch.cat(feats, dim=1).unsqueeze(1)                         # [B, 1, sum P_i C_i]
+        return packed, (torch.stack(probs).mean(dim=0) if probs else None)
 
 
 class EnsembleDecoder(Decoder):

@@ -1,22 +1,22 @@
-"""Image files -> captions in batches: reading, the encoder once per image, the beam search (02, 03)."""
+"""Image files -> captions in batches: reading, the encoder once per image (with its tags), the search (02, 03)."""
 import math
 
 import torch
 
-from captioning.decoding.search import beam_search
+from captioning.decoding.search import decode
 
 
 @torch.inference_mode()
 def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0,
-                  device='cpu', progress=True, **beam_kw):
+                  device='cpu', progress=True, **decode_kw):
     """Caption image files in batches: the encoder runs once per image for every beam size.
 
-    Returns (results, failures): results[i] is {beam_size: hypothesis dict (see beam_search) plus
-    'words'} for paths[i], or None when it could not be decoded; failures is [(path, error)].
+    Returns (results, failures): results[i] is {beam_size: hypothesis dict (see caption_batches)}
+    for paths[i], or None when it could not be decoded; failures is [(path, error)].
     """
     from tqdm import tqdm
     results, failures = [None] * len(paths), []
-    batches = caption_batches(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device, **beam_kw)
+    batches = caption_batches(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device, **decode_kw)
     for indices, hyps, bad in tqdm(batches, total=math.ceil(len(paths) / batch_size), desc='captioning', unit='batch',
                                    disable=None if progress else True, leave=False):
         failures += [(paths[i], err) for i, err in bad]
@@ -27,14 +27,21 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
 
 @torch.inference_mode()
 def caption_batches(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0, device='cpu',
-                    **beam_kw):
+                    tag=False, guide=None, guide_margin=float('inf'), **decode_kw):
     """Caption image files batch by batch, keeping nothing between batches (for collections of any size).
 
-    Yields (indices into paths, {beam_size: [hypothesis dict (see beam_search) plus 'words'] in the
-    order of indices}, [(index, error), ...] of the files of the batch that could not be decoded).
+    decode_kw: search.decode's settings (the beam search's, or sampling with the images' paths as the
+    keys of their draws). `tag`: also the encoder's ImageNet tags, from the same pass (tags.py);
+    `guide` (a tags.Guide): the confident tags guide the beam search (search.decode's guides).
+
+    Yields (indices into paths, {beam_size: [hypothesis dict (see search.decode) plus 'words', and
+    with `tag` or `guide` 'tags' (tags.top_tags, None for an encoder without a head) and
+    'dropped_tags' (confident classes that name no word of the model)] in the order of indices},
+    [(index, error), ...] of the files of the batch that could not be decoded).
     """
     from torch.utils.data import DataLoader
 
+    from captioning.decoding import tags
     from datasets import ImageFiles, collate_image_files, image_transform
     device = torch.device(device)
     rev = {v: k for k, v in word_map.items()}
@@ -43,12 +50,33 @@ def caption_batches(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_si
     for images, indices, bad in loader:
         hyps = {}
         if images is not None:
-            enc = encoder(images.to(device, non_blocking=True))                   # [b, g, g, C]
+            enc, probs = tags.encode(encoder, images.to(device, non_blocking=True), classify=tag or guide is not None)
+            found = guide.constraints(probs) if guide is not None and probs is not None else None
             for k in beam_sizes:
-                hyps[k] = beam_search(decoder, enc, word_map, beam_size=k, **beam_kw)
-                for hyp in hyps[k]:
+                hyps[k] = decode(decoder, enc, word_map, beam_size=k, keys=[paths[i] for i in indices],
+                                 guides=[c for c, _ in found] if found else None, guide_margin=guide_margin,
+                                 **decode_kw)
+                for j, hyp in enumerate(hyps[k]):
                     hyp['words'] = decoder.words(hyp['tokens'], rev)
+                    if tag or guide is not None:
+                        hyp['tags'] = tags.top_tags(probs[j:j + 1])[0] if probs is not None else None
+                        hyp['dropped_tags'] = found[j][1] if found else []
         yield indices, hyps, bad
+
+
+def alternatives(hyp, decoder, rev_word_map, n):
+    """The first n distinct captions of a hypothesis (its answer first, then its other beams or
+    samples): [{'words', 'score', 'norm_score'}]."""
+    out, seen = [], set()
+    for beam in [hyp] + hyp.get('beams', []):
+        words = decoder.words(beam['tokens'], rev_word_map)
+        if tuple(words) in seen:
+            continue
+        seen.add(tuple(words))
+        out.append({'words': words, 'score': beam['score'], 'norm_score': beam['norm_score']})
+        if len(out) == n:
+            break
+    return out
 
 
 def empty_reason(hyp):

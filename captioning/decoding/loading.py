@@ -3,7 +3,7 @@ checkpoint or the tutorial's), ensembles of them, and the decoding settings a ch
 import os
 
 from captioning import checkpoint
-from captioning.decoding import ensemble
+from captioning.decoding import ensemble, tags
 from captioning.tutorial import importer
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout's root
@@ -20,7 +20,8 @@ _NOTE = ('the provided checkpoints learned from {data}, which shows people, dogs
          '(the bundled cat photo becomes {cat}); for everyday photos use a COCO '
          "model: the tutorial's checkpoint (docs/tutorial-checkpoints.md), ClipCap with pretrained CLIP + "
          'GPT-2, or 01_train.py on COCO with a GPU')
-PROVIDED_NOTE = _NOTE.format(data='Flickr8k', cat='"a man is playing with a toy"')
+PROVIDED_NOTE = _NOTE.format(data='Flickr8k', cat='"a man is playing with a toy" unless the encoder\'s ImageNet tag '
+                                                  'guides it to "a cat is playing with a toy"')
 PROVIDED_NOTE_CN = _NOTE.format(data='Flickr8k-CN (Chinese captions of the Flickr8k photos)',
                                 cat='"一只狗在玩耍", a dog is playing')
 
@@ -80,13 +81,16 @@ def load_model(path, device, word_map=None, check=None):
     """One checkpoint file -> (encoder, decoder, word_map, config) in eval mode on `device`: this
     suite's checkpoint, or the tutorial's converted as it loads when `word_map` names the
     WORDMAP_*.json it was trained with (captioning/tutorial/importer.py). config['endings'] is the
-    checkpoint's TRAIN ending statistics or None (checkpoint.endings). `check(path, word_map,
+    checkpoint's TRAIN ending statistics or None (checkpoint.endings); config['tags_note'] None when the
+    encoder gives ImageNet tags (tags.attach_head), else why not. `check(path, word_map,
     config)` runs before the models are built (an ensemble's member that does not fit fails fast)."""
     ckpt = importer.load_checkpoint(path, word_map)
     if check is not None:
         check(path, ckpt['word_map'], ckpt['config'])
     encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
-    return encoder, decoder, ckpt['word_map'], {**ckpt['config'], 'endings': checkpoint.endings(ckpt, path)}
+    tags_note = tags.attach_head(encoder, ckpt)                  # ImageNet tags where the encoder is stock
+    return encoder, decoder, ckpt['word_map'], {**ckpt['config'], 'endings': checkpoint.endings(ckpt, path),
+                                                'tags_note': tags_note}
 
 
 def load_captioner(checkpoint_path, device, word_map=None, mirror=False):

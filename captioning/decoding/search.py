@@ -434,16 +434,32 @@ def sample_seeds(seed, keys):
 
 @torch.inference_mode()
 def decode(decoder, encoder_out, word_map, beam_size=3, num_captions=1, sample=False, temperature=1.0, top_k=0,
-           top_p=1.0, seed=0, keys=None, **search_kw):
+           top_p=1.0, seed=0, keys=None, guides=None, guide_margin=float('inf'), per_image=False, **search_kw):
     """The captions 02, 03 and 04 ask for, one dict per image as beam_search gives them, with the
     alternatives in 'beams' (the answer first): the beam search, or with `sample` `num_captions`
     distinct sampled captions per image (ranked by normalised score; the draws come from `seed` and
     each image's key in `keys`, default its index, so they are reproducible and independent of the
     batch). search_kw: beam_search's other settings (max_len, length_norm, no_repeat_ngram_size,
-    min_len, allow_unk, no_end_after, prefix, and for the search diversity_groups / strength,
-    constraints / constraint_margin)."""
+    min_len, allow_unk, no_end_after, prefix, and for the search diversity_groups / strength).
+
+    `guides` (beam search only): per image, constraints its caption should satisfy (tags.Guide). The
+    plain search runs first; an image whose caption misses some of them is searched again with those
+    as constraints (margin `guide_margin`), and the guided caption replaces the plain one when it
+    meets at least one ('guided': the constraints it was searched with). Without guides, or where
+    the caption already meets them, the captions are the plain search's exactly. `per_image`: an int8
+    decoder searches one image at a time (search_images: the server's batches are other requests)."""
+    search = search_images if per_image else beam_search
     if not sample:
-        return search_images(decoder, encoder_out, word_map, beam_size=beam_size, **search_kw)
+        results = search(decoder, encoder_out, word_map, beam_size=beam_size, **search_kw)
+        missing = [[c for c in g if not set(c) & set(r['tokens'])] for g, r in zip(guides or [], results)]
+        redo = [i for i, m in enumerate(missing) if m]
+        if redo:
+            again = search(decoder, encoder_out[redo], word_map, beam_size=beam_size,
+                           constraints=[missing[i] for i in redo], constraint_margin=guide_margin, **search_kw)
+            for i, hyp in zip(redo, again):
+                if hyp['constraints_met']:
+                    results[i] = {**hyp, 'guided': missing[i]}
+        return results
     groups, constraints = search_kw.pop('diversity_groups', 1), search_kw.pop('constraints', None)
     search_kw.pop('diversity_strength', None), search_kw.pop('constraint_margin', None)
     if groups != 1 or (constraints and any(constraints)):

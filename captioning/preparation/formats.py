@@ -29,6 +29,7 @@ class ImageRecord:
     raws: list             # the raw sentences, same order
     tokenizer: str = 'words'     # how tokens were made (captioning/text.py)
     merged_duplicates: int = 0   # repeated captions of this image merged by the reader
+    image_id: int = None         # the dataset's own id of the image (a Karpathy JSON's cocoid), when it has one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +106,9 @@ def read_karpathy(json_path, image_folder, tokenizer='words', allow_outside=Fals
             raws.append(raw)
         rel = os.path.join(str(img['filepath']), str(img['filename'])) if img.get('filepath') else img['filename']
         path = _inside(image_folder, rel, json_path, where, allow_outside)
-        records.append(ImageRecord(str(img['filename']), path, split, tokens, raws))
+        cocoid = img.get('cocoid')
+        records.append(ImageRecord(str(img['filename']), path, split, tokens, raws,
+                                   image_id=cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else None))
     return _tokenize_records(records, tokenizer, json_path)
 
 
@@ -329,6 +332,23 @@ def _ai_challenger_rows(path, data):
         for j, cap in enumerate(caps):
             image, caption = _check_row(path, f'{where}.caption[{j}]', item['image_id'], cap)
             yield where, image, caption, None, f'{where}.caption[{j}]'
+
+
+def coco_image_ids(path):
+    """{file_name: id} of an official COCO caption annotation file's images (ValueError naming the
+    file when it is not one)."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
+    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+        raise ValueError(f"{path}: expected COCO caption annotations (an object with a list field 'images')")
+    ids = {}
+    for i, img in enumerate(data['images']):
+        if not isinstance(img, dict) or not isinstance(img.get('id'), int) or 'file_name' not in img:
+            raise ValueError(f"{path}: images[{i}]: expected an object with an integer 'id' and 'file_name'")
+        ids[str(img['file_name'])] = img['id']
+    return ids
 
 
 def _coco_rows(path, data):

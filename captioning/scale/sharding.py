@@ -187,7 +187,8 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, wor
                   **beam_kw):
     """files.caption_paths shared out over torchrun ranks, each captioning its share (whole batches).
     -> on rank 0 (results, failures) of every image in the order of `paths`, results holding each
-    beam size's 'words' (all one process needs to score them); (None, None) on the other ranks."""
+    beam size's 'words' (all one process needs to score them) and, where recorded, 'tags' and 'guided';
+    (None, None) on the other ranks."""
     from captioning.decoding import files
     if world == 1:
         return files.caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, workers, device,
@@ -195,7 +196,8 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes, batch_size, wor
     start, stop = batch_share(len(paths), rank, world, batch_size)
     results, failures = files.caption_paths(encoder, decoder, word_map, paths[start:stop], beam_sizes, batch_size,
                                               workers, device, progress=rank == 0, **beam_kw)
-    words = [None if r is None else {k: {'words': hyp['words']} for k, hyp in r.items()} for r in results]
+    words = [None if r is None else {k: {key: hyp[key] for key in ('words', 'tags', 'guided') if key in hyp}
+                                     for k, hyp in r.items()} for r in results]
     shares = gather((words, failures))
     if rank != 0:
         return None, None

@@ -26,7 +26,7 @@ JSONL = 'captions.jsonl'
 SETTINGS = 'captions.settings.json'
 PART = 'captions.part-{rank:05d}-of-{world:05d}.jsonl'
 _PART_RE = re.compile(r'^captions\.part-\d{5}-of-\d{5}\.jsonl$')
-FIELDS = ('image', 'caption', 'score', 'finished')
+FIELDS = ('image', 'caption', 'score', 'finished')   # captions.csv's columns, and 'tags' ('label 80%; ...') when recorded
 PROGRESS_SECONDS = 15   # without a terminal (logs, nohup), a progress line at most this often
 
 
@@ -112,7 +112,9 @@ def file_digest(path):
 
 
 # Settings added after runs were first recorded: what such a run did (so it resumes with that value)
-BEFORE_THE_SETTING = {'bad_endings': 'allow'}
+BEFORE_THE_SETTING = {'bad_endings': 'allow', 'num_captions': 1, 'sample': False, 'temperature': 1.0, 'top_k': 0,
+                      'top_p': 1.0, 'seed': 0, 'diversity_groups': 1, 'diversity_strength': 0.5, 'prefix': '',
+                      'guide': 'off'}
 
 
 def check_settings(out, settings):
@@ -266,19 +268,24 @@ def merge(out, paths):
 
 
 def write_tables(out):
-    """captions.json (a list of {image, caption, score, finished}, as json.dump(indent=1) writes it)
-    and captions.csv from captions.jsonl, streamed record by record. -> the number of records."""
+    """captions.json (a list of the records: image, caption, score, finished, and what else they hold;
+    as json.dump(indent=1) writes it) and captions.csv (FIELDS) from captions.jsonl, streamed record by
+    record. -> the number of records."""
     main, count = os.path.join(out, JSONL), 0
     with utils.atomic_path(os.path.join(out, 'captions.json')) as tmp_json, \
             utils.atomic_path(os.path.join(out, 'captions.csv')) as tmp_csv:
         with open(tmp_json, 'w', encoding='utf-8') as fj, open(tmp_csv, 'w', newline='', encoding='utf-8') as fc:
-            writer = csv.DictWriter(fc, fieldnames=FIELDS, extrasaction='ignore')
-            writer.writeheader()
+            writer = None
             fj.write('[')
             for _, _, record in read_records(main):
                 fj.write((',\n ' if count else '\n ') + json.dumps(record, indent=1, ensure_ascii=False)
                          .replace('\n', '\n '))
-                writer.writerow(record)
+                if writer is None:   # the columns: FIELDS, and tags when the run recorded them
+                    writer = csv.DictWriter(fc, fieldnames=FIELDS + (('tags',) if 'tags' in record else ()),
+                                            extrasaction='ignore')
+                    writer.writeheader()
+                tags = '; '.join(f"{t['label']} {t['p']:.0%}" for t in record.get('tags') or [])
+                writer.writerow({**record, 'tags': tags})
                 count += 1
             fj.write('\n]' if count else ']')
     return count
