@@ -150,6 +150,10 @@ def test_an_ensemble_takes_constraints_too():
     hyps = beam_search(ens, packed, WORD_MAP, beam_size=2, max_len=8, constraints=[[[3]], [[2], [4]]])
     assert [h['constraints_met'] for h in hyps] == [1, 2] and all(h['finished'] for h in hyps)
     assert 3 in hyps[0]['tokens'] and 2 in hyps[1]['tokens'] and 4 in hyps[1]['tokens']
+    for hyp in beam_search(ens, packed, WORD_MAP, beam_size=2, max_len=8, prefix=[4, 1]):   # and a prefix
+        assert hyp['tokens'][:2] == [4, 1] and len(hyp['tokens']) > 2
+    samples = decode(ens, packed, WORD_MAP, sample=True, num_captions=2, max_len=8, prefix=[4, 1], seed=3)
+    assert all(b['tokens'][:2] == [4, 1] for h in samples for b in h['beams'])
 
 
 # ----------------------------------------------------------------------------------------------
