@@ -210,15 +210,22 @@ def endings(ckpt, path):
     checkpoints/flickr8k.endings.json). Files that do not parse or fit are passed over."""
     if ckpt.get('endings'):
         return ckpt['endings']
-    folder, digest = os.path.dirname(os.path.abspath(path)), word_map_digest(ckpt['word_map'])
+    return word_map_file(os.path.dirname(os.path.abspath(path)), ENDINGS_SUFFIX, ckpt['word_map'], 'counts')
+
+
+def word_map_file(folder, suffix, word_map, field):
+    """The dict `field` of the first `*suffix` JSON file in `folder` (name order) made for `word_map`
+    (its 'word_map_sha1'), or None. Files that do not parse or fit are passed over: what sits beside
+    checkpoints for their word map (ending statistics, tag words)."""
+    digest = word_map_digest(word_map)
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-        if not name.endswith(ENDINGS_SUFFIX):
+        if not name.endswith(suffix):
             continue
         try:
             with open(os.path.join(folder, name), encoding='utf-8') as f:
                 found = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(found, dict) and found.get('word_map_sha1') == digest and isinstance(found.get('counts'), dict):
-            return found['counts']
+        if isinstance(found, dict) and found.get('word_map_sha1') == digest and isinstance(found.get(field), dict):
+            return found[field]
     return None

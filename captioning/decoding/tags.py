@@ -17,7 +17,6 @@ computed by this module and shipped for the provided checkpoints as checkpoints/
 (tools/write_tag_words.py writes one for any word map; a checkpoint's folder is searched for one
 made for its word map, as for ending statistics).
 """
-import json
 import os
 
 import torch
@@ -185,19 +184,11 @@ def tag_words_file(word_map, folder_or_path):
     (tools/write_tag_words.py), else computed (class_words). Files that do not parse or fit are
     passed over."""
     folder = folder_or_path if os.path.isdir(folder_or_path) else os.path.dirname(os.path.abspath(folder_or_path))
-    digest = checkpoint_format.word_map_digest(word_map)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-        if not name.endswith(TAGS_SUFFIX):
-            continue
-        try:
-            with open(os.path.join(folder, name), encoding='utf-8') as f:
-                found = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(found, dict) and found.get('word_map_sha1') == digest and isinstance(found.get('classes'), dict):
-            return {int(k): [w for w in v if w in word_map] for k, v in found['classes'].items()
-                    if str(k).isdigit() and isinstance(v, list)}
-    return class_words(word_map)
+    found = checkpoint_format.word_map_file(folder, TAGS_SUFFIX, word_map, 'classes')
+    if found is None:
+        return class_words(word_map)
+    return {int(k): [w for w in v if w in word_map] for k, v in found.items()
+            if str(k).isdigit() and 0 <= int(k) < 1000 and isinstance(v, list) and any(w in word_map for w in v)}
 
 
 # ----------------------------------------------------------------------------------------------
