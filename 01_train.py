@@ -497,7 +497,7 @@ class Trainer(Objective, Validation, RunFolder):
                  f"{'fine-tuned' if self.fine_tuning else 'frozen'}) + {config['decoder']} decoder on {config['data_name']}: "
                  f"{self.train_set.num_images} images x {self.cpi} captions, {per_step}"
                  f"{f' x {self.world} processes' if self.world > 1 else ''}, device "
-                 f"{self.device}; run folder {self.out_dir}")
+                 f"{self.device}{self.amp_note()}; run folder {self.out_dir}")
         with Stopper() as stopper:
             while state['epoch'] < config['epochs']:
                 self.sampler.set_epoch(state['epoch'], state['images_done'])

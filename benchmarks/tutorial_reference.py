@@ -49,8 +49,8 @@ def tutorial_beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50
     recomputed each step, completed ones removed from the beam. Returns (word ids, steps taken)."""
     k = beam_size
     enc = encoder_out.reshape(1, -1, encoder_out.size(-1)).expand(k, -1, -1)   # [k, P, C]
-    prev = torch.full((k, 1), word_map['<start>'], dtype=torch.long)
-    seqs, scores = prev, torch.zeros(k, 1)
+    prev = torch.full((k, 1), word_map['<start>'], dtype=torch.long, device=enc.device)
+    seqs, scores = prev, torch.zeros(k, 1, device=enc.device)
     complete, complete_scores = [], []
     h, c = decoder.init_hidden_state(enc)
     step = 0

@@ -22,6 +22,20 @@ def script(name):
     return importlib.import_module(name)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def onnx_cache(tmp_path_factory):
+    """The ONNX encoders that --runtime auto exports (captioning/decoding/runtime.py) go into one folder of
+    this test session, not the user's ~/.cache (subprocesses inherit it)."""
+    folder = str(tmp_path_factory.mktemp('onnx_cache'))
+    old = os.environ.get('CAPTIONING_ONNX_CACHE')
+    os.environ['CAPTIONING_ONNX_CACHE'] = folder
+    yield folder
+    if old is None:
+        os.environ.pop('CAPTIONING_ONNX_CACHE', None)
+    else:
+        os.environ['CAPTIONING_ONNX_CACHE'] = old
+
+
 @pytest.fixture(scope='session')
 def synth_data(tmp_path_factory):
     """(data folder, data name) of a prepared 60-image synthetic set (48 TRAIN, 6 VAL, 6 TEST)."""
@@ -41,6 +55,16 @@ def tiny_checkpoint(synth_data, tmp_path_factory):
                                   '--batch-size', '20', *TINY_MODEL])
     assert rc == 0
     return str(out / f'BEST_checkpoint_{name}.pt')
+
+
+@pytest.fixture
+def cuda_sim():
+    """The simulated CUDA device of tests/cuda_sim.py around one test (docs/gpu.md): code given
+    device='cuda' runs on the CPU, and tensors of two devices meeting fail with the line that did it.
+    Yields the simulation's State (.errors, .gaps, .stats)."""
+    from cuda_sim import simulated_cuda
+    with simulated_cuda() as sim:
+        yield sim
 
 
 # Tiny sizes for every decoder in the registry (each takes the settings it has).

@@ -94,7 +94,10 @@ def test_bench_tutorial_one_round_against_the_tutorials_code():
     """Needs a checkout of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning in $TUTORIAL_REPO (no network here)."""
     repo = os.environ.get('TUTORIAL_REPO')
     if not repo:
-        pytest.skip('set TUTORIAL_REPO to a checkout of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning')
+        pytest.skip('the side-by-side run against the tutorial\'s own code needs a checkout of it (never committed '
+                    'here): git clone https://github.com/sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning DIR, then '
+                    'TUTORIAL_REPO=DIR make test (or TUTORIAL_REPO=DIR .venv/bin/python -m pytest '
+                    'tests/test_benchmarks.py)')
     r = bench('bench_tutorial.py', '--tutorial-repo', repo, '--rounds', '1', '--num-images', '2', '--batch-size', '2',
               '--train-batch', '2', '--train-steps', '1')
     f = r['figures']

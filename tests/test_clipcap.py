@@ -381,7 +381,8 @@ def test_convert_tool_writes_a_checkpoint_that_captions(tmp_path, lm_folder, cli
     assert config['decoder_args']['mapping'] == 'transformer' and encoder.name == 'clip_vit_b32'
     image = os.path.join(REPO, 'assets', 'samples', 'coffee.jpg')
     results, failures = files.caption_paths(encoder, decoder, word_map, [image], (2,), progress=False, max_len=5)
-    assert not failures and isinstance(results[0][2]['words'], list)
+    words = results[0][2]['words']
+    assert not failures and words and all(isinstance(w, str) and w.strip() for w in words), results[0][2]
 
     tuned = {**old, 'gpt.transformer.h.0.mlp.c_fc.bias': old['gpt.transformer.h.0.mlp.c_fc.bias'] + 1}
     torch.save(tuned, tmp_path / 'tuned.pt')
@@ -437,4 +438,4 @@ def test_train_with_a_gpt2_folder_then_caption(synth_data, tmp_path, lm_folder, 
     assert script('02_inference').main(['--img', image, '--checkpoint', str(exported),
                                         '--out', str(tmp_path / 'inf'), '--max-len', '8']) == 0
     rows = json.load(open(tmp_path / 'inf' / 'captions.json'))
-    assert rows[0]['image'] == image and isinstance(rows[0]['caption'], str)
+    assert rows[0]['image'] == image and isinstance(rows[0]['caption'], str) and rows[0]['caption'].strip(), rows

@@ -140,3 +140,23 @@ def test_bench_onnx_times_both_side_by_side(exported, capsys):
         assert result[key] > 0
     assert result['onnx_total_ms'] == pytest.approx(result['onnx_encoder_ms'] + result['onnx_beam_search_ms'], abs=0.2)
     assert len(result['load_average_1min_before_after']) == 2
+
+
+def test_the_onnx_runtime_asked_for_cuda_falls_back_to_the_cpu(exported):
+    """onnxruntime runs here on its CPU provider. Given device='cuda' (the simulated device of
+    tests/cuda_sim.py), the batches go to the device and the ONNX encoder hands its features back on
+    the CPU, so the search runs there: the same captions and scores as a CPU run, no device mismatch."""
+    need_onnx()
+    from cuda_sim import simulated_cuda
+
+    from captioning.decoding import files
+    _, out = exported('sat')
+    encoder, decoder, word_map, _ = onnx_captioner.load_onnx_captioner(str(out))
+    photos = [os.path.join(REPO, 'assets', 'samples', n) for n in ('coffee.jpg', 'rocket.jpg', 'astronaut.jpg')]
+    kw = dict(beam_sizes=(2,), batch_size=2, progress=False, max_len=6)
+    cpu, _ = files.caption_paths(encoder, decoder, word_map, photos, device='cpu', **kw)
+    with simulated_cuda() as sim:
+        gpu, failures = files.caption_paths(encoder, decoder, word_map, photos, device='cuda', **kw)
+    assert not failures and not sim.errors and not sim.gaps
+    assert sim.stats['h2d_async_pinned'] == 2                       # the two batches did go to the device
+    assert [(r[2]['tokens'], r[2]['score']) for r in gpu] == [(r[2]['tokens'], r[2]['score']) for r in cpu]

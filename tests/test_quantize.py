@@ -1,6 +1,7 @@
 """--precision (decoding/quantize.py): int8 decoders caption like fp32 ones with the same outputs, `auto` picks
 int8 only on CPU for measured decoder kinds, int8 on a GPU is one clear error, and `--precision fp32`
 gives exactly the pinned captions of the provided pair."""
+import copy
 import json
 import os
 
@@ -121,23 +122,55 @@ def test_auto_picks_int8_for_the_provided_chinese_pair_and_not_its_cross_entropy
     assert quantize.resolve('auto', xe, 'cpu') == 'fp32'                        # never measured at int8
 
 
+def sequence_logprob(dec, feats, tokens, finished, word_map):
+    """The summed log-probability `dec` gives `tokens` (then <end> when `finished`) of one image, step by step."""
+    with torch.no_grad():
+        memory = dec.prepare(feats, 1)
+        state, prev, total = dec.init_state(memory, 1), word_map['<start>'], 0.0
+        for tok in tokens + ([word_map['<end>']] if finished else []):
+            logp, state, _ = dec.step(torch.tensor([prev]), state, memory)
+            total, prev = total + logp[0, tok].item(), tok
+    return total
+
+
 @pytest.mark.parametrize('kind', ['show_tell', 'repeat_bilstm', 'dot_attention'])
-def test_other_decoders_quantize_and_still_decode(kind):
+def test_other_decoders_quantize_and_decode_like_fp32(kind):
+    """int8 against fp32 on the same features, image by image: tokens and scores, not only the keys.
+
+    What int8 is allowed: a score within 1% (+0.05) of fp32's (every weight rounded to 1/127 of its
+    range: 0.9% at most on these decoders when written); a different caption only where it is a near
+    tie that rounding broke the other way, i.e. where fp32 itself scores int8's caption within that
+    same margin of its own, for at most 2 of the 6 images. When written, all 6 captions were identical
+    for each kind here (over 6 other seeds, 5 of 72 differed, each such a near tie); a decoder with
+    other weights shares none of them."""
     dec = tiny_decoder(kind, 30, 8)
-    q, _ = quantize.apply_precision(tiny_decoder(kind, 30, 8), 'int8', 'cpu')
+    with torch.no_grad():
+        dec.fc.weight.mul_(10)                         # peaky word distributions: few near ties
+    q, _ = quantize.apply_precision(copy.deepcopy(dec), 'int8', 'cpu')
     assert quantize.is_quantized(q) and not float_layers(q)
     word_map = {f'w{i}': i for i in range(26)} | {'<start>': 26, '<end>': 27, '<unk>': 28, '<pad>': 29}
-    feats = torch.randn(2, 4, 8)
+    feats = torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(0))
     a = search.beam_search(dec, feats, word_map, beam_size=2, max_len=8)
     b = search.beam_search(q, feats, word_map, beam_size=2, max_len=8)
-    assert [sorted(x) for x in a] == [sorted(y) for y in b]
+    same = 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        margin = 0.01 * abs(x['score']) + 0.05
+        assert set(x) == set(y)                        # the same structure
+        if x['tokens'] == y['tokens'] and x['finished'] == y['finished']:
+            same += 1
+            assert len(y['beams']) == len(x['beams'])
+            assert y['score'] == pytest.approx(x['score'], abs=margin)
+            assert y['norm_score'] == pytest.approx(x['norm_score'], abs=margin)
+        else:                                          # a near tie: fp32 rates int8's caption nearly as its own
+            assert sequence_logprob(dec, feats[i:i + 1], y['tokens'], y['finished'], word_map) >= x['score'] - margin
+    assert same >= len(a) - 2, f'{same} of {len(a)} captions identical'
 
 
 def test_int8_on_a_gpu_device_is_one_line_from_the_scripts(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     import utils
     monkeypatch.setattr(utils, 'get_device', lambda name, local_rank=0: torch.device('cuda'))
     monkeypatch.setattr(loading, 'load_captioner',
-                        lambda path, device, word_map=None, mirror=False: (None, tiny_decoder('sat', 20, 8), {}, {}))
+                        lambda path, device, word_map=None, mirror=False, *runtime: (None, tiny_decoder('sat', 20, 8), {}, {}))
     rc = script('02_inference').main(['--img', os.path.join(SAMPLES, 'coffee.jpg'), '--checkpoint', tiny_checkpoint,
                                       '--precision', 'int8', '--out', str(tmp_path / 'o')])
     err = capsys.readouterr().err.strip()

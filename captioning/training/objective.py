@@ -35,6 +35,12 @@ class Objective:
                  f"references of {len(refs)} TRAIN images ({len(reward.ids)} n-grams, {time.time() - start:.1f} s)")
         return reward
 
+    def amp_note(self):
+        """', mixed precision: bf16' (or fp16 with its GradScaler) when autocast is on, else ''."""
+        if self.amp_dtype is None:
+            return ''
+        return f", mixed precision: {'bf16' if self.amp_dtype == torch.bfloat16 else 'fp16 with a GradScaler'}"
+
     def encode(self, encoder, x):
         """Encoder input -> [b, g, g, C]: pooled cached features, or the encoder run on images."""
         x = x.to(self.device, non_blocking=True)
