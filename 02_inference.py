@@ -29,7 +29,7 @@ import time
 
 import utils
 from captioning import text
-from captioning.decoding import attention_figures, files, loading, options, quantize, search, tags
+from captioning.decoding import attention_figures, files, loading, options, quantize, runtime, search, tags
 from captioning.preparation import formats
 from captioning.scale import exports, streaming
 from datasets import list_images, load_image
@@ -47,8 +47,11 @@ MIRROR = False                             # also decode each photo's mirror ima
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50                               # at most this many words
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (captioning/decoding/quantize.py)
+RUNTIME = 'auto'                           # the encoder's engine: auto | torch | onnx (captioning/decoding/runtime.py)
 BATCH_SIZE = 16                            # images per batch
-WORKERS = 0                                # DataLoader workers decoding images
+WORKERS = 2                                # readers decoding the next images while the model runs (0: none;
+                                           # 2 threads measured fastest on 2 cores: docs/speed.md, bench_files.py)
+LOADER = 'threads'                         # the readers: threads | processes (DataLoader workers)
 OUT = 'outputs/inference'                  # folder for captions.json/csv and attention figures
 VISUALIZE = False                          # save attention figures
 TAGS = True                                # record what the encoder recognises (its ImageNet tags) per photo
@@ -65,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='(default: %(default)s)')
     options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, min_len=MIN_LEN,
                                    max_len=MAX_LEN, allow_unk=ALLOW_UNK, bad_endings=BAD_ENDINGS, mirror=MIRROR,
-                                   precision=PRECISION)
+                                   precision=PRECISION, runtime=RUNTIME)
     options.add_generation_arguments(p)
     p.add_argument('--tags', action=argparse.BooleanOptionalAction, default=TAGS,
                    help="record the encoder's ImageNet tags of each photo in captions.jsonl (default: %(default)s)")
@@ -78,7 +81,7 @@ def parse_args(argv=None):
                    help='caption the images an official COCO caption file lists (found under --img, one folder) '
                         f'and also write {exports.RESULTS_NAME} in --out: the COCO results format')
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
-    p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
+    options.add_reading_arguments(p, WORKERS, LOADER)
     p.add_argument('--out', default=OUT, help='output folder (default: %(default)s)')
     p.add_argument('--visualize', action=argparse.BooleanOptionalAction, default=VISUALIZE,
                    help='save attention figures (default: %(default)s)')
@@ -92,7 +95,7 @@ def parse_args(argv=None):
 # Flags that change the captions: a run with other values refuses to add to an earlier run's captions.jsonl
 SETTING_FLAGS = ('beam_size', 'length_norm', 'no_repeat_ngram', 'min_len', 'max_len', 'allow_unk', 'precision',
                  'bad_endings', 'mirror', 'num_captions', 'sample', 'temperature', 'top_k', 'top_p', 'seed',
-                 'diversity_groups', 'diversity_strength', 'prefix', 'guide')
+                 'diversity_groups', 'diversity_strength', 'prefix', 'guide', 'runtime')
 
 
 def run_settings(args):
@@ -130,7 +133,9 @@ def main(argv=None):
         check_args(args)
         paths, image_ids = image_list(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
-        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
+        args.runtime = runtime.resolve(args.runtime, device)    # torch | onnx: what captions.settings.json records
+        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror,
+                                                                    args.runtime, args.onnx_cache)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # Chinese captions are joined without spaces
         no_end_after, endings_note = loading.bad_endings_setting(args.bad_endings, decoder, word_map, config)
@@ -166,7 +171,7 @@ def main(argv=None):
                 encoder, decoder, word_map, todo, (args.beam_size,), args.batch_size, args.workers, device,
                 max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
                 min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after, tag=args.tags,
-                guide=guide, guide_margin=tags.GUIDE_MARGIN, **decode_kw):
+                guide=guide, guide_margin=tags.GUIDE_MARGIN, loader=args.loader, **decode_kw):
             failures += [(todo[i], err) for i, err in bad]
             hyps = hyps.get(args.beam_size, [])
             records = [caption_record(todo[i], hyp, args, decoder, rev, tokenizer, image_ids) for i, hyp in zip(indices, hyps)]
@@ -201,6 +206,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         total, error = None, error or utils.describe_error(e)
     print(f"\n{captioned} image(s) captioned in {seconds:.2f} s on {device} (beam {args.beam_size}, {precision}, "
+          f"encoder in {'onnxruntime' if args.runtime == 'onnx' else 'PyTorch'}, "
           f"checkpoint {loading.checkpoint_label(args.checkpoint)}"
           f"{f', process {rank} of {world}' if world > 1 else ''}); {len(failures)} skipped"
           f"{f'; {run.skipped} captioned before' if run.skipped else ''}.")

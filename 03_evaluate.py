@@ -28,7 +28,7 @@ import time
 import datasets
 import utils
 from captioning import text
-from captioning.decoding import files, loading, options, quantize, search, tags
+from captioning.decoding import files, loading, options, quantize, runtime, search, tags
 from captioning.preparation import formats
 from captioning.scale import exports, sharding
 from captioning.scoring import metrics
@@ -52,8 +52,11 @@ BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rar
 ALLOW_UNK = False                          # let captions contain <unk> (rare words)
 MAX_LEN = 50
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (captioning/decoding/quantize.py)
+RUNTIME = 'auto'                           # the encoder's engine: auto | torch | onnx (captioning/decoding/runtime.py)
 BATCH_SIZE = 32
-WORKERS = 0
+WORKERS = 2                                # readers decoding the next images while the model runs (0: none;
+                                           # 2 threads measured fastest on 2 cores: docs/speed.md, bench_files.py)
+LOADER = 'threads'                         # the readers: threads | processes (DataLoader workers)
 MAX_IMAGES = 0                             # score only the first N images (0 = all)
 METRICS = 'auto'                           # auto (COCO toolkit when installed) | coco | nltk
 OUT = ''                                   # write metrics.json here ('' = do not)
@@ -78,10 +81,10 @@ def parse_args(argv=None):
     p.add_argument('--beam-sizes', type=int, nargs='+', default=BEAM_SIZES, help='(default: %(default)s)')
     options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, min_len=MIN_LEN,
                                    max_len=MAX_LEN, allow_unk=ALLOW_UNK, bad_endings=BAD_ENDINGS, mirror=MIRROR,
-                                   precision=PRECISION)
+                                   precision=PRECISION, runtime=RUNTIME)
     options.add_generation_arguments(p, num_captions=False)
     p.add_argument('--batch-size', type=int, default=BATCH_SIZE, help='(default: %(default)s)')
-    p.add_argument('--workers', type=int, default=WORKERS, help='(default: %(default)s)')
+    options.add_reading_arguments(p, WORKERS, LOADER)
     p.add_argument('--max-images', type=int, default=MAX_IMAGES, help='(default: all)')
     p.add_argument('--metrics', choices=('auto', 'coco', 'nltk'), default=METRICS, help='(default: %(default)s)')
     p.add_argument('--out', default=OUT, help='metrics.json path')
@@ -171,7 +174,9 @@ def main(argv=None):
         paths, refs, split, image_ids = split_images(args)
         train_refs, no_endings = train_references(args)
         rank, world, device = utils.init_distributed(args.device)   # one process, or one of torchrun's
-        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror)
+        args.runtime = runtime.resolve(args.runtime, device)    # torch | onnx
+        encoder, decoder, word_map, config = loading.load_captioner(args.checkpoint, device, args.word_map, args.mirror,
+                                                                    args.runtime, args.onnx_cache)
         decoder, precision = quantize.apply_precision(decoder, args.precision, device)   # once, at load
         tokenizer = text.checkpoint_tokenizer(config)   # how captions are joined and scored
         no_end_after, endings_note = loading.bad_endings_setting(args.bad_endings, decoder, word_map, config)
@@ -187,7 +192,8 @@ def main(argv=None):
         print(f'error: {utils.describe_error(e)}', file=sys.stderr)
         return 1
     print(f'evaluating {loading.checkpoint_label(args.checkpoint)} on {split}: {len(paths)} images, '
-          f'beam sizes {args.beam_sizes}, {device}, decoder {precision}, bad endings '
+          f"beam sizes {args.beam_sizes}, {device}, encoder in {'onnxruntime' if args.runtime == 'onnx' else 'PyTorch'}, "
+          f'decoder {precision}, bad endings '
           f"{'avoided' if no_end_after is not None else 'allowed'}{', mirrored views' if args.mirror else ''}")
     if endings_note:
         print(f'note: {endings_note}', file=sys.stderr)
@@ -196,7 +202,7 @@ def main(argv=None):
         encoder, decoder, word_map, paths, args.beam_sizes, args.batch_size, args.workers, device, rank, world,
         max_len=args.max_len, length_norm=args.length_norm, no_repeat_ngram_size=args.no_repeat_ngram,
         min_len=args.min_len, allow_unk=args.allow_unk, no_end_after=no_end_after, tag=args.tags, guide=guide,
-        guide_margin=tags.GUIDE_MARGIN, **decode_kw)
+        guide_margin=tags.GUIDE_MARGIN, loader=args.loader, **decode_kw)
     seconds = time.time() - start
     if results is None:   # another torchrun process: the first scores every share
         return 0
@@ -233,6 +239,7 @@ def main(argv=None):
         try:
             utils.write_json(args.out, {'split': split, 'num_images': len(scored),
                                         'checkpoint': loading.checkpoint_label(args.checkpoint), 'precision': precision,
+                                        'runtime': args.runtime,
                                         'bad_endings_decoding': 'avoided' if no_end_after is not None else 'allowed',
                                         'mirror': args.mirror, 'guide': args.guide if guide else 'off',
                                         'generation': {k: getattr(args, k) for k in GENERATION_FLAGS},

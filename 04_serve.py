@@ -57,6 +57,7 @@ MAX_QUEUE = 256                            # requests waiting for the model beyo
 DECODE_WORKERS = 2                         # images decoded at once (a 50 MP PNG takes 150 MB while decoding)
 DEVICE = 'cpu'                             # cpu | cuda | auto
 PRECISION = 'auto'                         # decoder weights: auto | fp32 | int8 (captioning/decoding/quantize.py)
+RUNTIME = 'auto'                           # the encoder's engine: auto | torch | onnx (captioning/decoding/runtime.py)
 MIRROR = False                             # also decode each photo's mirror image (test-time augmentation)
 GUIDE = options.DEFAULT_GUIDE              # a request's default: auto (English: tags guide the search) | on | off
 BAD_ENDINGS = 'avoid'                      # avoid: never end on a word that rarely ends a sentence ('a', 'red') | allow
@@ -93,6 +94,8 @@ class Settings:
     word_map: str = WORD_MAP
     device: str = DEVICE
     precision: str = PRECISION
+    runtime: str = RUNTIME
+    onnx_cache: str = None
     mirror: bool = MIRROR
     bad_endings: str = BAD_ENDINGS
     beam_size: int = BEAM_SIZE
@@ -242,6 +245,7 @@ def create_app(checkpoint=None, settings=None, **changes):
     async def healthz():
         return {'status': 'ok', 'checkpoint': loading.checkpoint_label(settings.checkpoint, basename=True),
                 'device': str(captioner.device), 'precision': captioner.precision,
+                'runtime': captioner.runtime,
                 'bad_endings': 'avoided' if captioner.no_end_after is not None else 'allowed',
                 'mirror': settings.mirror, 'has_attention': captioner.has_attention, 'beam_size': settings.beam_size,
                 'max_beam_size': settings.max_beam_size, 'max_upload_mb': settings.max_upload_mb,
@@ -309,7 +313,7 @@ def parse_args(argv=None):
     p.add_argument('--beam-size', type=int, default=BEAM_SIZE, help='default beam size of a request (default: %(default)s)')
     p.add_argument('--max-beam-size', type=int, default=MAX_BEAM_SIZE, help='(default: %(default)s)')
     options.add_decoding_arguments(p, length_norm=LENGTH_NORM, no_repeat_ngram=NO_REPEAT_NGRAM, max_len=MAX_LEN,
-                                   bad_endings=BAD_ENDINGS, mirror=MIRROR, precision=PRECISION)
+                                   bad_endings=BAD_ENDINGS, mirror=MIRROR, precision=PRECISION, runtime=RUNTIME)
     p.add_argument('--guide', choices=options.GUIDES, default=GUIDE,
                    help="a request's default --guide (02_inference.py --help) (default: %(default)s)")
     p.add_argument('--max-batch', type=int, default=MAX_BATCH, help='requests per batch (default: %(default)s)')

@@ -22,6 +22,15 @@ SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 SPLITS = ('TRAIN', 'VAL', 'TEST')   # the splits of prepared data (00_create_input_files.py)
 
 
+def file_digest(path, algorithm='sha1'):
+    """Hex digest of a file's bytes (sha1 by default; any hashlib name), read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
 def data_base_name(dataset, captions_per_image, min_word_freq):
     """The tutorial's base name for prepared files, e.g. 'coco_5_cap_per_img_5_min_word_freq'."""
     return f'{dataset}_{captions_per_image}_cap_per_img_{min_word_freq}_min_word_freq'

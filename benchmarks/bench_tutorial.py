@@ -94,7 +94,7 @@ from common import environment, peak_rss_mb, report, setup  # noqa: E402
 
 import datasets  # noqa: E402
 from captioning.decoders import interface, lstm  # noqa: E402
-from captioning.decoding import files, loading, quantize  # noqa: E402
+from captioning.decoding import files, loading, quantize, runtime, search  # noqa: E402
 
 # Defaults of the flags
 ROUNDS = 5                      # interleaved rounds; the median over them is reported
@@ -232,6 +232,11 @@ def parse_args(argv=None):
     p.add_argument('--figures', nargs='+', choices=FIGURES, default=list(FIGURES), help='which figures (default: all)')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     quantize.add_argument(p)   # ours only: the tutorial's decoder stays fp32, as its code has it
+    p.add_argument('--runtimes', nargs='+', choices=('torch', 'onnx'), default=['torch', 'onnx'],
+                   help="ours only: the encoder's engines of the e2e figure, each a side (onnx: onnxruntime on the "
+                        "CPU, captioning/decoding/runtime.py; left out without onnxruntime or on a GPU) "
+                        '(default: %(default)s)')
+    p.add_argument('--onnx-cache', default=None, help='the ONNX encoder cache (default: runtime.cache_dir())')
     return p.parse_args(argv)
 
 
@@ -351,19 +356,19 @@ def summarise_ms(ms, n, sides):
 
 
 def decode_figure(tut, model, paths, args, device, sync):
-    encoder, decoder, word_map = model
+    encoder, decoder, word_map = model[:3]
     transform = datasets.ImageTransform(**encoder.transform_config())
     with torch.no_grad():                                   # computed once, shared by every side
         images = torch.stack([transform(datasets.load_image(p, transform.size)) for p in paths])
         feats = torch.cat([encoder(images[i:i + args.batch_size].to(device))
                            for i in range(0, len(paths), args.batch_size)]).contiguous()
-    search = tut['caption_decode'].caption_image_beam_search
+    tutorial_search = tut['caption_decode'].caption_image_beam_search
     tdec = tut['decoder']
     beam_kw = dict(beam_size=BEAM_SIZE, max_len=TUTORIAL_MAX_STEPS, length_norm=0.0, allow_unk=True)
 
     def tutorial():
         with torch.no_grad():
-            return [run_tutorial_search(search, None, tdec, feats[i:i + 1], word_map, paths[i]) for i in range(len(paths))]
+            return [run_tutorial_search(tutorial_search, None, tdec, feats[i:i + 1], word_map, paths[i]) for i in range(len(paths))]
 
     def ours_batched():
         return [h['tokens'] for i in range(0, len(paths), args.batch_size)
@@ -384,7 +389,7 @@ def decode_figure(tut, model, paths, args, device, sync):
 
 
 def e2e_figure(tut, model, paths, args, device, sync):
-    encoder, decoder, word_map = model
+    encoder, decoder, word_map, onnx_encoder = model
     search = tut['caption_e2e'].caption_image_beam_search
     tdec = tut['decoder']
     kw = dict(beam_sizes=(BEAM_SIZE,), workers=0, device=device, progress=False, max_len=TUTORIAL_MAX_STEPS,
@@ -394,17 +399,21 @@ def e2e_figure(tut, model, paths, args, device, sync):
         with torch.no_grad():
             return [run_tutorial_search(search, encoder, tdec, p, word_map, p) for p in paths]
 
-    def ours(batch_size):
+    def ours(batch_size, enc=encoder):
         def run():
-            results, failures = files.caption_paths(encoder, decoder, word_map, paths, batch_size=batch_size, **kw)
+            results, failures = files.caption_paths(enc, decoder, word_map, paths, batch_size=batch_size, **kw)
             if failures:
                 raise RuntimeError(f'could not read: {failures}')
             return [r[BEAM_SIZE]['tokens'] for r in results]
         return run
 
     sides = {'tutorial': tutorial, 'ours_batched': ours(args.batch_size), 'ours_batch1': ours(1)}
+    if onnx_encoder is not None:    # the encoder in onnxruntime (--runtimes onnx): two more sides, same decoder
+        sides.update({'ours_onnx_batched': ours(args.batch_size, onnx_encoder), 'ours_onnx_batch1': ours(1, onnx_encoder)})
     times, outs = interleaved(sides, args.rounds, sync)
     out = summarise_ms(ms_per_image(times, len(paths)), len(paths), sides)
+    if onnx_encoder is not None:
+        out['identical_onnx_vs_torch'] = same_count(outs['ours_onnx_batched'], outs['ours_batched'])
     out.update({'identical_tutorial_vs_ours': same_count(outs['tutorial'], outs['ours_batched']),
                 'different_captions': differences(paths, outs['tutorial'], outs['ours_batched'], word_map),
                 'beam_size': BEAM_SIZE, 'batch_size': args.batch_size, 'image_size': encoder.image_size})
@@ -439,6 +448,11 @@ def table(result):
             rows.append((label, d['tutorial_ms_per_image'], d['ours_batched_ms_per_image'], d['ours_batch1_ms_per_image'],
                          f"{d['tutorial_over_ours_batched']}x ({d['tutorial_over_ours_batch1']}x batch 1); "
                          f"same caption {d['identical_tutorial_vs_ours']}/{d['images']}"))
+            if 'ours_onnx_batched_ms_per_image' in d:
+                rows.append((label + ', encoder in onnxruntime', d['tutorial_ms_per_image'],
+                             d['ours_onnx_batched_ms_per_image'], d['ours_onnx_batch1_ms_per_image'],
+                             f"{d['tutorial_over_ours_onnx_batched']}x ({d['tutorial_over_ours_onnx_batch1']}x batch 1); "
+                             f"same caption as torch {d['identical_onnx_vs_torch']}/{d['images']}"))
     head = ('figure (median of rounds)', 'tutorial', f"ours (batch {result['batch_size']})", 'ours (batch 1)', 'ours vs tutorial')
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     lines = ['  '.join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head] + rows]
@@ -487,7 +501,10 @@ def main(argv=None):
         tdec.load_state_dict(decoder.state_dict())           # the checkpoint's weights in the tutorial's class
         tut['decoder'] = tdec.to(device).eval()
         decoder, precision = quantize.apply_precision_or_exit(decoder, args.precision, device)   # after the copy above
-        model = (encoder, decoder, word_map)
+        onnx_encoder = None
+        if 'onnx' in args.runtimes and 'e2e' in args.figures and runtime.resolve('auto', device) == 'onnx':
+            onnx_encoder = runtime.onnx_encoder(encoder, args.checkpoint, args.onnx_cache)
+        model = (encoder, decoder, word_map, onnx_encoder)
         found = datasets.list_images(args.images)
         if not found:
             print(f'error: no images in {args.images}', file=sys.stderr)

@@ -1,4 +1,5 @@
 """Image files -> captions in batches: reading, the encoder once per image (with its tags), the search (02, 03)."""
+import collections
 import math
 
 import torch
@@ -27,7 +28,7 @@ def caption_paths(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size
 
 @torch.inference_mode()
 def caption_batches(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_size=16, workers=0, device='cpu',
-                    tag=False, guide=None, guide_margin=float('inf'), **decode_kw):
+                    tag=False, guide=None, guide_margin=float('inf'), loader='processes', **decode_kw):
     """Caption image files batch by batch, keeping nothing between batches (for collections of any size).
 
     decode_kw: search.decode's settings (the beam search's, or sampling with the images' paths as the
@@ -38,16 +39,26 @@ def caption_batches(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_si
     with `tag` or `guide` 'tags' (tags.top_tags, None for an encoder without a head) and
     'dropped_tags' (confident classes that name no word of the model)] in the order of indices},
     [(index, error), ...] of the files of the batch that could not be decoded).
+
+    Reading: `workers` 0 reads each batch in this thread before it is captioned; otherwise `loader`
+    'threads' reads the next batch with that many threads while this one is captioned (thread_batches),
+    'processes' with that many DataLoader worker processes.
     """
     from torch.utils.data import DataLoader
 
     from captioning.decoding import tags
     from datasets import ImageFiles, collate_image_files, image_transform
+    if loader not in LOADERS:
+        raise ValueError(f"loader {loader!r}: choose from {', '.join(LOADERS)}")
     device = torch.device(device)
     rev = {v: k for k, v in word_map.items()}
-    loader = DataLoader(ImageFiles(paths, image_transform(encoder)), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_image_files, pin_memory=device.type == 'cuda')
-    for images, indices, bad in loader:
+    dataset = ImageFiles(paths, image_transform(encoder))
+    if workers and loader == 'threads':
+        batches = thread_batches(dataset, batch_size, workers, collate_image_files)
+    else:
+        batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_image_files,
+                             pin_memory=device.type == 'cuda')
+    for images, indices, bad in batches:
         hyps = {}
         if images is not None:
             enc, probs = tags.encode(encoder, images.to(device, non_blocking=True), classify=tag or guide is not None)
@@ -62,6 +73,31 @@ def caption_batches(encoder, decoder, word_map, paths, beam_sizes=(3,), batch_si
                         hyp['tags'] = tags.top_tags(probs[j:j + 1])[0] if probs is not None else None
                         hyp['dropped_tags'] = found[j][1] if found else []
         yield indices, hyps, bad
+
+
+LOADERS = ('threads', 'processes')
+
+
+def thread_batches(dataset, batch_size, threads, collate):
+    """Batches of dataset[0], dataset[1], ... in order, read by a pool of `threads` threads: the next
+    batch is read while the caller works on this one (JPEG decoding and resizing release the GIL), so
+    at most two batches are in memory. -> collate(items) per batch."""
+    from concurrent.futures import ThreadPoolExecutor
+    n = len(dataset)
+    starts = iter(range(0, n, batch_size))
+    pool = ThreadPoolExecutor(threads, thread_name_prefix='read')
+    try:
+        def submit(start):
+            return [pool.submit(dataset.__getitem__, i) for i in range(start, min(start + batch_size, n))]
+        pending = collections.deque(submit(s) for s in [next(starts, None), next(starts, None)] if s is not None)
+        while pending:
+            batch = [f.result() for f in pending.popleft()]
+            start = next(starts, None)
+            if start is not None:
+                pending.append(submit(start))
+            yield collate(batch)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def alternatives(hyp, decoder, rev_word_map, n):

@@ -77,35 +77,43 @@ def no_end_ids(decoder, word_map, endings):
     return sorted(i for w, i in word_map.items() if w in bad)
 
 
-def load_model(path, device, word_map=None, check=None):
+def load_model(path, device, word_map=None, check=None, runtime='torch', onnx_cache=None):
     """One checkpoint file -> (encoder, decoder, word_map, config) in eval mode on `device`: this
     suite's checkpoint, or the tutorial's converted as it loads when `word_map` names the
     WORDMAP_*.json it was trained with (captioning/tutorial/importer.py). config['endings'] is the
     checkpoint's TRAIN ending statistics or None (checkpoint.endings); config['tags_note'] None when the
     encoder gives ImageNet tags (tags.attach_head), else why not. `check(path, word_map,
-    config)` runs before the models are built (an ensemble's member that does not fit fails fast)."""
+    config)` runs before the models are built (an ensemble's member that does not fit fails fast).
+    `runtime` 'onnx' (runtime.resolve's answer): the encoder runs in onnxruntime, exported once into
+    the cache `onnx_cache` (runtime.py); config['runtime'] says which ran."""
     ckpt = importer.load_checkpoint(path, word_map)
     if check is not None:
         check(path, ckpt['word_map'], ckpt['config'])
     encoder, decoder = checkpoint.models_from_checkpoint(ckpt, device)
     tags_note = tags.attach_head(encoder, ckpt)                  # ImageNet tags where the encoder is stock
+    if runtime == 'onnx':
+        from captioning.decoding import runtime as runtimes
+        encoder = runtimes.onnx_encoder(encoder, path, onnx_cache)
+    elif runtime != 'torch':
+        raise ValueError(f"runtime {runtime!r}: 'torch' or 'onnx' (runtime.resolve)")
     return encoder, decoder, ckpt['word_map'], {**ckpt['config'], 'endings': checkpoint.endings(ckpt, path),
-                                                'tags_note': tags_note}
+                                                'tags_note': tags_note, 'runtime': runtime}
 
 
-def load_captioner(checkpoint_path, device, word_map=None, mirror=False):
+def load_captioner(checkpoint_path, device, word_map=None, mirror=False, runtime='torch', onnx_cache=None):
     """-> (encoder, decoder, word_map, config) ready for captioning on `device`, from one checkpoint
     file (load_model), or from several as an ensemble of them (captioning/decoding/ensemble.py: a list of two or more
     paths, or the name of a provided ensemble). `mirror`: every model also decodes the photo flipped
     left to right, as one more ensemble member (captioning/decoding/ensemble.py). An ensemble's config is its first
-    member's."""
+    member's. `runtime`, `onnx_cache`: load_model's (each member's encoder in onnxruntime)."""
     paths = checkpoint_paths(checkpoint_path)
+    run = {'runtime': runtime, 'onnx_cache': onnx_cache}
     if len(paths) == 1 and not mirror:
-        return load_model(paths[0], device, word_map)
+        return load_model(paths[0], device, word_map, **run)
     if word_map:
         raise ValueError(f"--word-map converts one tutorial checkpoint: convert it with tools/convert_tutorial.py "
                          f"to decode it {'mirrored' if mirror else 'in an ensemble'}")
-    members = [(paths[0], *load_model(paths[0], device))]
+    members = [(paths[0], *load_model(paths[0], device, **run))]
     check = ensemble.member_check(paths[0], members[0][3], members[0][4])
-    members += [(path, *load_model(path, device, check=check)) for path in paths[1:]]
+    members += [(path, *load_model(path, device, check=check, **run)) for path in paths[1:]]
     return ensemble.assemble(members, device, mirror)

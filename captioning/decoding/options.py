@@ -1,7 +1,7 @@
 """The command-line flags that 02, 03 and 04 share: the model to load and how to decode it."""
 import argparse
 
-from captioning.decoding import quantize
+from captioning.decoding import quantize, runtime as runtimes
 from captioning.decoding.loading import PROVIDED_MODELS
 
 CHECKPOINT_HELP = ('a checkpoint, or several to decode as an ensemble (their mean word distribution; they must share '
@@ -19,7 +19,7 @@ def add_model_arguments(parser, checkpoint, word_map=None):
 
 
 def add_decoding_arguments(parser, *, length_norm, no_repeat_ngram, max_len, bad_endings, mirror, precision,
-                           min_len=None, allow_unk=None):
+                           min_len=None, allow_unk=None, runtime='auto'):
     """How the beam search decodes: the flags of 02, 03 and 04, with each script's defaults (a flag
     whose default is None is left out: the server has no --min-len or --allow-unk)."""
     parser.add_argument('--length-norm', type=float, default=length_norm,
@@ -36,6 +36,7 @@ def add_decoding_arguments(parser, *, length_norm, no_repeat_ngram, max_len, bad
     add_bad_endings_argument(parser, bad_endings)
     add_mirror_argument(parser, mirror)
     quantize.add_argument(parser, precision)
+    runtimes.add_arguments(parser, runtime)     # --runtime, --onnx-cache (captioning/decoding/runtime.py)
 
 
 def add_bad_endings_argument(parser, default='avoid'):
@@ -145,3 +146,14 @@ def decode_settings(args, decoder, word_map, tokenizer):
     if prefix:
         settings['prefix'] = prefix
     return settings
+
+
+def add_reading_arguments(parser, workers, loader):
+    """--workers and --loader of 02 and 03: who reads the next batch of images while the model runs."""
+    from captioning.decoding.files import LOADERS
+    parser.add_argument('--workers', type=int, default=workers,
+                        help='readers decoding the next batch of images while the model captions this one, 0 = '
+                             'read each batch first (default: %(default)s)')
+    parser.add_argument('--loader', choices=LOADERS, default=loader,
+                        help='the --workers readers: threads of this process, or DataLoader worker processes '
+                             '(default: %(default)s)')

@@ -11,7 +11,6 @@ Nothing here does work at import time.
 import contextlib
 import csv
 import glob
-import hashlib
 import json
 import os
 import re
@@ -104,17 +103,13 @@ def done_images(out):
 
 def file_digest(path):
     """sha1 of a file's bytes (names a checkpoint by content, wherever it lies)."""
-    h = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
+    return utils.file_digest(path, 'sha1')
 
 
 # Settings added after runs were first recorded: what such a run did (so it resumes with that value)
 BEFORE_THE_SETTING = {'bad_endings': 'allow', 'num_captions': 1, 'sample': False, 'temperature': 1.0, 'top_k': 0,
                       'top_p': 1.0, 'seed': 0, 'diversity_groups': 1, 'diversity_strength': 0.5, 'prefix': '',
-                      'guide': 'off'}
+                      'guide': 'off', 'runtime': 'torch'}
 
 
 def check_settings(out, settings):

@@ -9,7 +9,7 @@ import torch
 import datasets
 import utils
 from captioning import text
-from captioning.decoding import files, loading, options, quantize, search, tags
+from captioning.decoding import files, loading, options, quantize, runtime, search, tags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +42,13 @@ class Captioner:
     """The loaded model and what turns a batch of image tensors into JSON-ready answers."""
 
     def __init__(self, settings):
-        """settings: the server's (04_serve.Settings): checkpoint, word_map, device, precision, mirror,
-        bad_endings, max_len, length_norm, no_repeat_ngram."""
+        """settings: the server's (04_serve.Settings): checkpoint, word_map, device, precision, runtime,
+        onnx_cache, mirror, bad_endings, max_len, length_norm, no_repeat_ngram."""
         self.device = utils.get_device(settings.device)
+        self.runtime = runtime.resolve(getattr(settings, 'runtime', 'torch'), self.device)   # the encoder's engine
         self.encoder, self.decoder, self.word_map, self.config = loading.load_captioner(
-            settings.checkpoint, self.device, settings.word_map, settings.mirror)
+            settings.checkpoint, self.device, settings.word_map, settings.mirror, self.runtime,
+            getattr(settings, 'onnx_cache', None))
         self.decoder, self.precision = quantize.apply_precision(self.decoder, settings.precision, self.device)  # once
         self.no_end_after, self.endings_note = loading.bad_endings_setting(settings.bad_endings, self.decoder,
                                                                            self.word_map, self.config)
