@@ -137,7 +137,8 @@ def beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=50, length_
 
         # Images whose every group has kg finished hypotheses (or, without length normalisation, a best
         # finished hypothesis that can no longer be beaten: scores only fall) are done: drop their rows.
-        done = [groups.image_done(finished[b], scores[i], length_norm, t) for i, b in enumerate(ids)]
+        best_alive = scores.view(n_img, M, kg).max(dim=2).values.tolist()  # [n][M], one transfer per step
+        done = [groups.image_done(finished[b], best_alive[i], length_norm, t) for i, b in enumerate(ids)]
         for b, d in zip(ids, done):
             if d:
                 steps[b] = t + 1
@@ -253,11 +254,11 @@ class _Groups:
             chosen = torch.zeros(tokens.size(0), self.V, device=tokens.device)
         return chosen.scatter_add(1, tokens, (live > float('-inf')).float())
 
-    def image_done(self, finished, scores, length_norm, t):
-        """Whether an image's search is over: every group has its beams' worth of finished hypotheses
-        (or, without length normalisation, can no longer beat its best finished one); with several
-        groups, a group with no live beam once every group could be reached is over too."""
-        best_alive = scores.view(self.count, self.size).max(dim=1).values.tolist()
+    def image_done(self, finished, best_alive, length_norm, t):
+        """Whether an image's search is over (best_alive: its groups' best live scores): every group has
+        its beams' worth of finished hypotheses (or, without length normalisation, can no longer beat its
+        best finished one); with several groups, a group with no live beam once every group could be
+        reached is over too."""
         for m in range(self.count):
             own = [f[1] for f in finished if f[4] == m]
             over = len(own) >= self.size or (length_norm == 0 and bool(own) and max(own) >= best_alive[m])
